@@ -1,0 +1,125 @@
+"""Save and load a model directory: config.json + model.safetensors + tokenizer.json (no pickle anywhere)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from slm.config import ConfigError, ModelConfig
+from slm.files import atomic_write, atomic_write_json
+from slm.model import GPT
+from slm.tokenizer import Tokenizer, TokenizerError
+
+FORMAT = "slm-checkpoint"
+DEFAULT_MODEL = "slm-16m-stories"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete, corrupt, or not in our format."""
+
+
+def models_dir() -> Path:
+    """The repository's bundled ``models/`` directory (``SLM_MODELS_DIR`` overrides it)."""
+    env = os.environ.get("SLM_MODELS_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "models"
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """``"default"`` -> the bundled model (or ``SLM_MODEL``); a name in models/ -> that; else a path."""
+    name = str(name_or_path)
+    if name == "default":
+        env = os.environ.get("SLM_MODEL")
+        if env and env != "default":
+            return Path(env)
+        name = DEFAULT_MODEL
+    path = Path(name)
+    if not path.exists() and (models_dir() / name).is_dir():
+        return models_dir() / name
+    return path
+
+
+def save(
+    model: GPT,
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    training: dict | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a checkpoint directory; ``dtype`` (e.g. torch.float16) shrinks the stored weights."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    tokenizer.save(out / "tokenizer.json")
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "model": model.config.to_dict(),
+        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id},
+        "weights_dtype": str(dtype or next(model.parameters()).dtype).replace("torch.", ""),
+        "training": training or {},
+    }
+    atomic_write_json(out / "config.json", meta)
+    return out
+
+
+def read_config(path: Path) -> dict:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no config.json; a checkpoint directory holds config.json, "
+                              "model.safetensors and tokenizer.json")
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise CheckpointError(f"{cfg_path}: not an slm checkpoint config (no 'model' section)")
+    return meta
+
+
+def load(name_or_path: str | Path = "default", device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """Load a checkpoint directory (or ``"default"``, the bundled model) as an fp32 model in eval mode."""
+    path = resolve(name_or_path)
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(f"{path} is a pickle file; slm refuses pickle because loading it can run code. "
+                                  "Convert it to a checkpoint directory with model.safetensors")
+        raise CheckpointError(f"{path} is a file; give the checkpoint directory that contains it")
+    if not path.is_dir():
+        hint = " (the bundled model is missing from models/)" if str(name_or_path) == "default" else ""
+        raise CheckpointError(f"checkpoint directory not found: {path}{hint}")
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise CheckpointError(f"{path} holds pickle weights ({', '.join(pickles)}) and no model.safetensors; "
+                                  "slm refuses pickle because loading it can run code")
+        raise CheckpointError(f"{path}: model.safetensors is missing")
+    meta = read_config(path)
+    try:
+        config = ModelConfig.from_dict(meta["model"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}/config.json: {e}") from e
+    try:
+        tokenizer = Tokenizer.load(path / "tokenizer.json")
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from e
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: cannot read weights ({e})") from e
+    model = GPT(config)
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else "shape or key mismatch"
+        raise CheckpointError(f"{weights} does not match config.json: {first}") from e
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, model only {config.vocab_size}")
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,295 @@
+"""The `slm` command. Each subcommand parses its flags and calls the module that does the work.
+
+User mistakes (missing files, bad settings) raise ValueError subclasses; they are printed as one line
+and exit with status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from slm.config import PRESETS
+
+
+def _presets_help() -> str:
+    lines = ["presets (parameters):"]
+    for name, p in PRESETS.items():
+        lines.append(f"  {name:<9} {p.config.num_parameters():>12,}  {p.description}")
+    return "\n".join(lines)
+
+
+# ---- subcommands ----------------------------------------------------------------------------------------
+def cmd_info(args: argparse.Namespace) -> int:
+    print(_presets_help())
+    for name, p in PRESETS.items():
+        if p.why:
+            print(f"\nwhy {name}: {p.why}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from slm.data import prepare
+
+    meta = prepare(args.inputs, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                   val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
+                   hf_dataset=args.hf_dataset, progress=not args.quiet)
+    for split in ("train", "val"):
+        s = meta[split]
+        print(f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens, "
+              f"{s['bytes_per_token']:.2f} bytes/token")
+    print(f"wrote {args.out}/train.bin, val.bin, tokenizer.json, meta.json in {meta['seconds']} s")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from slm.train import TrainConfig, load_config_file, train
+
+    values: dict = {}
+    model_overrides: dict = {}
+    if args.config:
+        values, model_overrides = load_config_file(args.config)
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    for key in ("dropout", "context_length"):
+        if getattr(args, key) is not None:
+            model_overrides[key] = getattr(args, key)
+    cfg = TrainConfig(**values)
+    result = train(args.data, args.out, cfg, model_overrides, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", 0)) == 0:
+        bpb = result["best_val_bpb"]
+        print(f"done: {result['steps']} steps, {result['tokens_seen']:,} tokens, {result['wall_time_s']} s; "
+              f"best val loss {result['best_val_loss'] or float('nan'):.4f}"
+              + (f", {bpb:.3f} bits/byte" if bpb else "") + f" -> {args.out}/best")
+    return 0
+
+
+def _load_model(name: str, threads: int | None = None):
+    import torch
+
+    from slm.checkpoint import load
+
+    if threads:
+        torch.set_num_threads(threads)
+    return load(name)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from slm.generation import Engine, GenerationError, SamplingParams
+
+    if not args.prompt:
+        raise GenerationError("--prompt is empty: give some text to continue")
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                            tuple(args.stop or ()))
+    model, tokenizer = _load_model(args.model, args.threads)
+    ids = tokenizer.encode(args.prompt)
+    engine = Engine(model, tokenizer, max_batch=1, use_cache=not args.no_kv_cache)
+    seq = engine.add(ids, params)
+    if seq.prompt_truncated:
+        print(f"note: the prompt has {len(ids)} tokens, more than the context of {engine.context}; "
+              f"keeping its last {engine.context}", file=sys.stderr)
+    started = time.perf_counter()
+    if args.stream and not args.json:
+        print(args.prompt, end="", flush=True)
+    while not seq.finished:
+        engine.step()
+        if args.stream and not args.json:
+            print(seq.take_text(), end="", flush=True)
+    seconds = time.perf_counter() - started
+    n = len(seq.generated)
+    if args.json:
+        print(json.dumps({
+            "prompt": args.prompt, "text": seq.text, "prompt_tokens": len(ids), "generated_tokens": n,
+            "prompt_truncated_tokens": seq.prompt_truncated, "finish_reason": seq.finish_reason,
+            "seconds": round(seconds, 4), "tokens_per_second": round(n / seconds, 2) if seconds else None,
+            "kv_cache": not args.no_kv_cache,
+        }))
+    elif args.stream:
+        print()
+    else:
+        print(args.prompt + seq.text)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from slm.evaluate import evaluate_files
+
+    model, tokenizer = _load_model(args.model, args.threads)
+    results = evaluate_files(model, tokenizer, args.files, batch_size=args.batch_size, stride=args.stride)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results["files"] + [results["total"]]:
+            print(f"{r['name']}: {r['tokens']:,} tokens, {r['bytes']:,} bytes | loss {r['loss']:.4f} | "
+                  f"perplexity {r['perplexity']:.2f} | {r['bits_per_byte']:.4f} bits/byte")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from slm.bench import run_bench
+
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    run_bench(args.model, args.preset, lengths, repeats=args.repeats, threads=args.threads,
+              json_path=args.json, plot_path=args.plot, hf=not args.no_hf, dtype=args.dtype)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from slm.export import export_hf
+
+    model, tokenizer = _load_model(args.model)
+    export_hf(model, args.out, tokenizer)
+    print(f"wrote a GPT2LMHeadModel directory to {args.out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from slm.server.app import run_server
+
+    run_server(model=args.model, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    app = Path(__file__).parent / "ui" / "app.py"
+    env = dict(os.environ)
+    if args.api_url:
+        env["SLM_API_URL"] = args.api_url
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
+           "--server.address", args.host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    return subprocess.call(cmd, env=env)
+
+
+# ---- parser ---------------------------------------------------------------------------------------------
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=os.environ.get("SLM_MODEL", "default"),
+                   help="checkpoint directory, or 'default' for the bundled model (env SLM_MODEL)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slm", description="A small GPT: prepare data, train, generate, serve.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_presets_help())
+    parser.add_argument("--version", action="version", version=f"slm {__import__('slm').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="list the model presets with their parameter counts")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("prepare", help="corpus -> tokenizer + train.bin/val.bin")
+    p.add_argument("inputs", nargs="*", help=".txt/.md files, directories, .jsonl(.gz), .parquet")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary to train (default 8192)")
+    p.add_argument("--tokenizer", help="reuse a tokenizer: a tokenizer.json / model directory, or 'gpt2'")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--text-field", default="text", help="JSONL/parquet field holding the text")
+    p.add_argument("--hf-dataset", help="also stream this Hugging Face dataset (needs `datasets` + network)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model on a prepared data directory",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_presets_help())
+    p.add_argument("--data", required=True, help="directory written by `slm prepare`")
+    p.add_argument("--out", required=True, help="run directory (best/, last/, metrics.jsonl, loss.png)")
+    p.add_argument("--preset", help="model preset (default slm-16m)")
+    p.add_argument("--config", help="TOML file of training settings and a [model] table")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last/")
+    for flag, typ, what in [
+        ("--max-steps", int, "optimizer steps"), ("--batch-size", int, "sequences per micro-batch per process"),
+        ("--grad-accum", int, "micro-batches per step"), ("--lr", float, "peak learning rate"),
+        ("--min-lr-ratio", float, "final lr / peak lr"), ("--warmup-steps", int, "linear warmup steps"),
+        ("--weight-decay", float, "AdamW weight decay"), ("--grad-clip", float, "gradient norm clip (0 = off)"),
+        ("--eval-interval", int, "steps between evaluations"), ("--eval-windows", int, "validation windows"),
+        ("--log-interval", int, "steps between log lines"), ("--seed", int, "random seed"),
+        ("--device", str, "auto | cpu | cuda | mps"), ("--dtype", str, "auto | fp32 | bf16 (autocast)"),
+        ("--threads", int, "torch CPU threads"), ("--max-minutes", float, "stop and save after this wall time"),
+        ("--dropout", float, "override the preset's dropout"), ("--context-length", int, "override the context"),
+    ]:
+        p.add_argument(flag, type=typ, default=None, help=what)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="continue a prompt",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_presets_help())
+    _model_arg(p)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    p.add_argument("--stop", action="append", help="stop before this string (repeatable)")
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole window every token")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--json", action="store_true", help="print text, token counts, seconds and tokens/s as JSON")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte on text files")
+    _model_arg(p)
+    p.add_argument("files", nargs="+", help="text files (.txt, .md, .jsonl, .jsonl.gz, .parquet)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default context/2)")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="decode speed: KV cache vs none vs transformers")
+    p.add_argument("--model", default=None, help="checkpoint directory or 'default' (else random weights)")
+    p.add_argument("--preset", default="slm-16m", help="shape for random weights when no --model")
+    p.add_argument("--lengths", default="64,128,256,512")
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 weights for our engine")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--json", help="write the figures to this JSON file")
+    p.add_argument("--plot", help="write a PNG of tokens/s against length")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="the HTTP API")
+    _model_arg(p)
+    p.add_argument("--host", default=os.environ.get("SLM_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("SLM_PORT", "8000")))
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ui", help="the Streamlit playground")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--api-url", default=None, help="API base URL (env SLM_API_URL, default http://127.0.0.1:8000)")
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("export-hf", help="write a Hugging Face GPT2LMHeadModel directory")
+    _model_arg(p)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # our errors (and bad numbers) are user mistakes: one line, no traceback
+        print(f"slm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"slm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"slm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

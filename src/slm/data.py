@@ -1,0 +1,309 @@
+"""Corpus readers -> tokenizer -> train.bin / val.bin token files, and the batch sampler that training reads."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from slm.files import atomic_write_json
+from slm.tokenizer import Tokenizer
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+SUPPORTED = TEXT_SUFFIXES + JSONL_SUFFIXES + (".parquet",)
+
+
+class DataError(ValueError):
+    """The corpus or a prepared data directory cannot be used."""
+
+
+# ---- reading documents ----------------------------------------------------------------------------------
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix in SUPPORTED:
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def list_files(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand inputs (files and directories, recursively) to the readable corpus files, in a stable order."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise DataError(f"input not found: {path}")
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p))
+            if not found:
+                raise DataError(f"directory {path} has no readable text ({', '.join(SUPPORTED)} files)")
+            files.extend(found)
+        elif _kind(path):
+            files.append(path)
+        else:
+            raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUPPORTED)}")
+    if not files:
+        raise DataError("no input files given")
+    return files
+
+
+def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
+    """Yield the documents of one file: a text file is one document, a JSONL line or parquet row another."""
+    kind = _kind(path)
+    if kind in TEXT_SUFFIXES:
+        yield path.read_text(encoding="utf-8", errors="replace")
+    elif kind in JSONL_SUFFIXES:
+        opener = gzip.open if kind == ".jsonl.gz" else open
+        with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+                if not isinstance(record, dict) or text_field not in record:
+                    raise DataError(f"{path}:{lineno}: no {text_field!r} field (choose another with --text-field)")
+                text = record[text_field]
+                if not isinstance(text, str):
+                    raise DataError(f"{path}:{lineno}: field {text_field!r} is not a string")
+                yield text
+    elif kind == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise DataError("reading .parquet needs pyarrow: pip install 'slm[data]'") from e
+        pf = pq.ParquetFile(path)
+        if text_field not in pf.schema_arrow.names:
+            raise DataError(f"{path}: no {text_field!r} column (columns: {', '.join(pf.schema_arrow.names)})")
+        for batch in pf.iter_batches(columns=[text_field], batch_size=256):
+            for text in batch.column(0).to_pylist():
+                if isinstance(text, str):
+                    yield text
+
+
+def iter_hf_dataset(name: str, text_field: str = "text", split: str = "train") -> Iterator[str]:
+    """Stream a Hugging Face dataset (needs the `datasets` package and a network)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError("--hf-dataset needs the `datasets` package: pip install datasets") from e
+    import os
+    import socket
+
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise DataError(f"--hf-dataset {name}: offline mode is set (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)")
+    try:  # fail fast offline instead of hanging on retries
+        socket.create_connection(("huggingface.co", 443), timeout=5).close()
+    except OSError as e:
+        raise DataError(f"--hf-dataset {name}: cannot reach huggingface.co ({e}); this machine looks offline") from e
+    ds = datasets.load_dataset(name, split=split, streaming=True)
+    for row in ds:
+        if text_field not in row:
+            raise DataError(f"--hf-dataset {name}: rows have no {text_field!r} field")
+        yield row[text_field]
+
+
+def is_validation(index: int, seed: int, fraction: float) -> bool:
+    """Deterministic split by document: a hash of (seed, index) decides, independent of everything else."""
+    h = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
+
+
+# ---- prepare --------------------------------------------------------------------------------------------
+@dataclass
+class SplitStats:
+    documents: int = 0
+    characters: int = 0
+    bytes: int = 0
+    tokens: int = 0
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["bytes_per_token"] = self.bytes / self.tokens if self.tokens else 0.0
+        return d
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def prepare(
+    inputs: list[str | Path],
+    out_dir: str | Path,
+    vocab_size: int = 8192,
+    tokenizer: str | None = None,
+    val_fraction: float = 0.01,
+    seed: int = 0,
+    text_field: str = "text",
+    hf_dataset: str | None = None,
+    batch_chars: int = 8_000_000,
+    progress: bool = True,
+) -> dict:
+    """Tokenize a corpus into ``out_dir`` (train.bin, val.bin, tokenizer.json, meta.json); returns the meta."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    files = list_files(inputs) if inputs else []
+    if not files and not hf_dataset:
+        raise DataError("no input given: pass files or directories, or --hf-dataset NAME")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    def documents() -> Iterator[tuple[bool, str]]:
+        index = 0
+        sources: list[Iterator[str]] = [read_documents(f, text_field) for f in files]
+        if hf_dataset:
+            sources.append(iter_hf_dataset(hf_dataset, text_field))
+        for source in sources:
+            for text in source:
+                if text.strip():
+                    yield is_validation(index, seed, val_fraction), text
+                    index += 1
+
+    # Pass 1: the tokenizer, trained on the training documents only (streamed).
+    if tokenizer is None:
+        n_docs = 0
+
+        def train_texts() -> Iterator[str]:
+            nonlocal n_docs
+            bar = tqdm(desc="training tokenizer", unit=" docs", disable=not progress)
+            for is_val, text in documents():
+                n_docs += 1
+                bar.update()
+                if not is_val:
+                    yield text
+            bar.close()
+
+        tok = Tokenizer.train(train_texts(), vocab_size=vocab_size)
+        if n_docs == 0:
+            raise DataError("the corpus is empty: no non-blank documents in the inputs")
+    elif tokenizer == "gpt2":
+        tok = Tokenizer.gpt2()
+    else:
+        tok = Tokenizer.load(tokenizer)
+    tok.save(out / "tokenizer.json")
+    dtype = token_dtype(tok.vocab_size)
+
+    # Pass 2: encode in batches (parallel in Rust) and append to the token files.
+    stats = {"train": SplitStats(), "val": SplitStats()}
+    files_out = {s: open(out / f"{s}.bin.tmp", "wb") for s in stats}
+    eot = np.array([tok.eot_id], dtype=dtype)
+    bar = tqdm(desc="encoding", unit="B", unit_scale=True, disable=not progress)
+
+    def flush(batch: list[tuple[bool, str]]) -> None:
+        for (is_val, text), ids in zip(batch, tok.encode_batch([t for _, t in batch]), strict=True):
+            split = "val" if is_val else "train"
+            s = stats[split]
+            n_bytes = len(text.encode("utf-8"))
+            s.documents += 1
+            s.characters += len(text)
+            s.bytes += n_bytes
+            s.tokens += len(ids) + 1
+            files_out[split].write(np.asarray(ids, dtype=dtype).tobytes())
+            files_out[split].write(eot.tobytes())  # documents are separated by <|endoftext|>
+            bar.update(n_bytes)
+
+    try:
+        batch: list[tuple[bool, str]] = []
+        chars = 0
+        for item in documents():
+            batch.append(item)
+            chars += len(item[1])
+            if chars >= batch_chars:
+                flush(batch)
+                batch, chars = [], 0
+        if batch:
+            flush(batch)
+    finally:
+        for f in files_out.values():
+            f.close()
+        bar.close()
+    if stats["train"].documents + stats["val"].documents == 0:
+        raise DataError("the corpus is empty: no non-blank documents in the inputs")
+    if stats["train"].tokens == 0:
+        raise DataError("every document went to validation; lower --val-fraction")
+    for split in stats:
+        (out / f"{split}.bin.tmp").replace(out / f"{split}.bin")
+    meta = {
+        "inputs": [str(f) for f in files] + ([f"hf:{hf_dataset}"] if hf_dataset else []),
+        "tokenizer": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "dtype": dtype.name,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "seconds": round(time.time() - started, 1),
+        **{split: s.to_dict() for split, s in stats.items()},
+    }
+    atomic_write_json(out / "meta.json", meta)
+    return meta
+
+
+# ---- reading prepared data ------------------------------------------------------------------------------
+def load_meta(data_dir: str | Path) -> dict:
+    path = Path(data_dir)
+    meta_path = path / "meta.json"
+    if not path.is_dir():
+        raise DataError(f"--data {path}: directory not found; create it with `slm prepare INPUT --out {path}`")
+    if not meta_path.is_file() or not (path / "train.bin").is_file():
+        raise DataError(f"--data {path}: not a prepared data directory (no meta.json/train.bin); "
+                        f"run `slm prepare INPUT --out {path}` first")
+    return json.loads(meta_path.read_text(encoding="utf-8"))
+
+
+def open_tokens(data_dir: str | Path, split: str, meta: dict) -> np.ndarray:
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.is_file() or path.stat().st_size == 0:
+        return np.zeros(0, dtype=meta["dtype"])
+    return np.memmap(path, dtype=meta["dtype"], mode="r")
+
+
+class BatchSampler:
+    """Random windows of ``context + 1`` tokens; the RNG state is plain JSON so a run resumes exactly.
+
+    Every rank draws the same *global* batch and takes its own slice, so N ranks with batch B see exactly
+    the samples that one process with batch N*B sees.
+    """
+
+    def __init__(self, tokens: np.ndarray, context: int, seed: int) -> None:
+        if len(tokens) < context + 2:
+            raise DataError(f"only {len(tokens)} training tokens, fewer than one window of {context + 1}; "
+                            "give more text or a smaller context")
+        self.tokens = tokens
+        self.context = context
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+
+    def draw(self, global_batch: int) -> np.ndarray:
+        """Start offsets of one global batch (all ranks draw the same ones)."""
+        return self.rng.integers(0, len(self.tokens) - self.context - 1, size=global_batch)
+
+    def windows(self, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets ``[len(offsets), context]`` for the given offsets."""
+        w = torch.from_numpy(np.stack([self.tokens[o : o + self.context + 1].astype(np.int64) for o in offsets]))
+        return w[:, :-1], w[:, 1:]
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+def eval_windows(tokens: np.ndarray, context: int, n: int, seed: int = 1234) -> torch.Tensor:
+    """A fixed set of ``n`` windows (same every evaluation), spread over the split."""
+    if len(tokens) < context + 2:
+        return torch.zeros(0, context + 1, dtype=torch.long)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    offsets = rng.integers(0, len(tokens) - context - 1, size=n)
+    return torch.from_numpy(np.stack([tokens[o : o + context + 1].astype(np.int64) for o in offsets]))

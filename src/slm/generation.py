@@ -1,0 +1,328 @@
+"""Token generation: sampling, a batched decode engine with a static KV cache, generate() and stream().
+
+The context-window schedule (DESIGN.md): a sequence's *window* is what the model sees. While it is shorter
+than the context, each new token is appended; when it is full, it keeps its last ``context - shift`` tokens,
+and with the cache those are re-prefilled at positions ``0..``. The uncached path runs the model on the very
+same window every step, so greedy output is identical with and without the cache at every length.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from slm.kv_cache import KVCache
+from slm.model import GPT
+from slm.tokenizer import StreamDecoder, Tokenizer
+
+MAX_NEW_TOKENS_LIMIT = 100_000
+
+
+class GenerationError(ValueError):
+    """A generation setting or prompt that cannot be used."""
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # generation ends before the first of these strings
+    stop_at_eot: bool = True  # end at <|endoftext|> (when the engine knows its id)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise GenerationError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise GenerationError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, "
+                                  f"got {self.max_new_tokens}")
+        if not self.temperature >= 0:  # also rejects NaN
+            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0 (0 or None = off), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(s for s in self.stop if s)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from ``logits [vocab]``: greedy at temperature 0, else temperature, top-k, top-p."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p is not None and params.top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ranked above
+        sorted_probs[before >= params.top_p] = 0  # the top token always survives (before = 0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass
+class SequenceState:
+    """One request being generated: its prompt, its current window, what it produced and how it ended."""
+
+    prompt: list[int]
+    params: SamplingParams
+    window: list[int]
+    prompt_truncated: int = 0  # prompt tokens dropped to fit the context
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of `text` already handed out by take_text()
+    finished: bool = False
+    finish_reason: str | None = None  # "length" | "stop" | "eot" | "cancelled"
+    needs_prefill: bool = True
+    generator: torch.Generator | None = None
+    decoder: StreamDecoder | None = None
+
+    def take_text(self) -> str:
+        """New text since the last call; holds back what may still turn into a stop string."""
+        end = len(self.text)
+        if not self.finished and self.params.stop:
+            for s in self.params.stop:
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if self.text.endswith(s[:k]):
+                        end = min(end, len(self.text) - k)
+                        break
+        piece = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return piece
+
+
+class Engine:
+    """Decodes a changing batch of sequences, one token for each per :meth:`step`.
+
+    With the cache, row ``i`` of the KV cache belongs to ``self.active[i]``; a finished sequence's row is
+    refilled by the last one, so active rows stay contiguous and a decode step is one forward pass over
+    ``rows(0, n)``. A sequence joins at any step (continuous batching): its window minus the last token is
+    prefilled in one forward pass, and the last token goes through the shared decode step.
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, max_batch: int = 16,
+                 use_cache: bool = True, shift: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context = model.config.context_length
+        self.shift = shift or max(1, self.context // 4)
+        if not 1 <= self.shift < self.context:
+            raise GenerationError(f"shift must be in [1, {self.context}), got {self.shift}")
+        self.use_cache = use_cache
+        self.max_batch = max_batch
+        self.cache = KVCache.for_model(model, max_batch) if use_cache else None
+        self.active: list[SequenceState] = []
+        self.eot_id = tokenizer.eot_id if tokenizer is not None else None
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch - len(self.active)
+
+    def add(self, prompt: Sequence[int], params: SamplingParams) -> SequenceState:
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise GenerationError("the prompt is empty: give at least one token")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise GenerationError(f"prompt token ids must be in [0, {vocab}), got {min(prompt)}..{max(prompt)}")
+        if self.free_slots <= 0:
+            raise GenerationError(f"the engine is full ({self.max_batch} sequences)")
+        window = prompt[-self.context :]
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seq = SequenceState(
+            prompt=prompt,
+            params=params,
+            window=window,
+            prompt_truncated=len(prompt) - len(window),
+            generator=None if params.temperature == 0 else torch.Generator().manual_seed(seed),
+            decoder=self.tokenizer.stream_decoder() if self.tokenizer is not None else None,
+        )
+        self.active.append(seq)
+        return seq
+
+    def cancel(self, seq: SequenceState) -> None:
+        if not seq.finished:
+            seq.finished, seq.finish_reason = True, "cancelled"
+        self._drop_finished()
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[SequenceState, int]]:
+        """Generate one token for every active sequence; returns ``(sequence, token)`` pairs."""
+        if not self.active:
+            return []
+        logits = self._logits_cached() if self.use_cache else self._logits_uncached()
+        produced = []
+        greedy = [i for i, s in enumerate(self.active) if s.params.temperature == 0]
+        tokens = [0] * len(self.active)
+        if greedy:
+            argmax = logits[greedy].argmax(dim=-1).tolist()
+            for i, t in zip(greedy, argmax, strict=True):
+                tokens[i] = t
+        for i, seq in enumerate(self.active):
+            if seq.params.temperature != 0:
+                tokens[i] = sample(logits[i], seq.params, seq.generator)
+            self._append(seq, tokens[i])
+            produced.append((seq, tokens[i]))
+        self._drop_finished()
+        return produced
+
+    # ---- internals ------------------------------------------------------------------------------------
+    def _logits_uncached(self) -> torch.Tensor:
+        batch, last = self._padded([s.window for s in self.active])
+        return self.model(batch, logits_at=last)
+
+    def _logits_cached(self) -> torch.Tensor:
+        cache = self.cache
+        assert cache is not None
+        # Prefill rows that are new or whose window was shifted: contiguous runs, one forward pass each.
+        run: list[int] = []
+        for i, seq in enumerate(self.active + [None]):  # a sentinel closes the last run
+            if seq is not None and seq.needs_prefill and (not run or run[-1] == i - 1):
+                run.append(i)
+                continue
+            if run:
+                self._prefill(run[0], run[-1] + 1)
+                run = []
+            if seq is not None and seq.needs_prefill:
+                run = [i]
+        n = len(self.active)
+        last = torch.tensor([[s.window[-1]] for s in self.active], device=cache.k.device)
+        return self.model(last, cache=cache.rows(0, n))[:, -1]
+
+    def _prefill(self, start: int, stop: int) -> None:
+        cache = self.cache
+        assert cache is not None
+        rows = self.active[start:stop]
+        prefixes = [s.window[:-1] for s in rows]
+        cache.lengths[start:stop] = 0
+        if max(map(len, prefixes)) > 0:
+            batch, last = self._padded([p or [0] for p in prefixes])
+            self.model(batch, cache=cache.rows(start, stop), logits_at=last)
+            cache.lengths[start:stop] = torch.tensor([len(p) for p in prefixes])
+        for s in rows:
+            s.needs_prefill = False
+
+    def _padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad to one length (causal attention never lets a real token see the padding after it)."""
+        width = max(map(len, seqs))
+        device = self.model.wte.weight.device
+        batch = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            batch[i, : len(s)] = torch.tensor(s)
+        return batch.to(device), torch.tensor([len(s) - 1 for s in seqs], device=device)
+
+    def _append(self, seq: SequenceState, token: int) -> None:
+        params = seq.params
+        if params.stop_at_eot and token == self.eot_id:
+            seq.finished, seq.finish_reason = True, "eot"
+        else:
+            seq.generated.append(token)
+            if seq.decoder is not None:
+                seq.text += seq.decoder.push(token)
+                if params.stop:
+                    hits = [i for i in (seq.text.find(s, max(0, seq.emitted - len(s))) for s in params.stop)
+                            if i >= 0]
+                    if hits:
+                        seq.text = seq.text[: min(hits)]
+                        seq.finished, seq.finish_reason = True, "stop"
+            if not seq.finished and len(seq.generated) >= params.max_new_tokens:
+                seq.finished, seq.finish_reason = True, "length"
+        if seq.finished:
+            if seq.decoder is not None and seq.finish_reason != "stop":
+                seq.text += seq.decoder.flush()
+            return
+        if len(seq.window) < self.context:
+            seq.window.append(token)
+        else:  # the window is full: keep its last tokens and recompute them from position 0
+            seq.window = (seq.window + [token])[-(self.context - self.shift) :]
+            seq.needs_prefill = True
+
+    def _drop_finished(self) -> None:
+        keep = [s for s in self.active if not s.finished]
+        if len(keep) == len(self.active):
+            return
+        if self.cache is not None:  # move survivors down into the freed rows, preserving order
+            for new_row, seq in enumerate(keep):
+                old_row = self.active.index(seq)
+                if old_row != new_row and not seq.needs_prefill:
+                    self.cache.copy_row(old_row, new_row)
+        self.active = keep
+
+
+def _as_lists(tokens: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dim() != 2:
+            raise GenerationError(f"tokens must be a [batch, time] tensor, got shape {tuple(tokens.shape)}")
+        return tokens.tolist()
+    return [list(t) for t in tokens]
+
+
+def generate(
+    model: GPT,
+    tokens: torch.Tensor | Sequence[Sequence[int]],
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    stop: Sequence[str] = (),
+    tokenizer: Tokenizer | None = None,
+    eot_id: int | None = None,
+) -> torch.Tensor | list[list[int]]:
+    """Continue each prompt; returns prompt + new tokens (a ``[B, T + new]`` tensor for a tensor input).
+
+    Row ``i`` samples with seed ``seed + i``. Generation ends at ``max_new_tokens``, at the end-of-text
+    token (given ``tokenizer`` or ``eot_id``; such rows are padded with it in a tensor result), or at a
+    stop string (needs ``tokenizer``).
+    """
+    prompts = _as_lists(tokens)
+    if not prompts:
+        raise GenerationError("no prompts given")
+    engine = Engine(model, tokenizer, max_batch=len(prompts), use_cache=use_cache)
+    if eot_id is not None:
+        engine.eot_id = eot_id
+    seqs = []
+    for i, p in enumerate(prompts):
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p,
+                                None if seed is None else seed + i, tuple(stop))
+        seqs.append(engine.add(p, params))
+    while engine.active:
+        engine.step()
+    if isinstance(tokens, torch.Tensor):
+        pad = engine.eot_id if engine.eot_id is not None else 0
+        out = [s.prompt + s.generated + [pad] * (max_new_tokens - len(s.generated)) for s in seqs]
+        return torch.tensor(out, dtype=tokens.dtype, device=tokens.device)
+    return [s.prompt + s.generated for s in seqs]
+
+
+def stream(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    stop: Sequence[str] = (),
+) -> Iterator[str]:
+    """Yield the continuation of one prompt as text pieces, as they are produced (never half a character)."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    engine = Engine(model, tokenizer, max_batch=1, use_cache=use_cache)
+    seq = engine.add(ids, SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop)))
+    while not seq.finished:
+        engine.step()
+        piece = seq.take_text()
+        if piece:
+            yield piece
