@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -197,7 +198,8 @@ def prepare(
 
     # Pass 2: encode in batches (parallel in Rust) and append to the token files.
     stats = {"train": SplitStats(), "val": SplitStats()}
-    files_out = {s: open(out / f"{s}.bin.tmp", "wb") for s in stats}
+    stack = contextlib.ExitStack()
+    files_out = {s: stack.enter_context(open(out / f"{s}.bin.tmp", "wb")) for s in stats}  # noqa: SIM115
     eot = np.array([tok.eot_id], dtype=dtype)
     bar = tqdm(desc="encoding", unit="B", unit_scale=True, disable=not progress)
 
@@ -226,8 +228,7 @@ def prepare(
         if batch:
             flush(batch)
     finally:
-        for f in files_out.values():
-            f.close()
+        stack.close()
         bar.close()
     if stats["train"].documents + stats["val"].documents == 0:
         raise DataError("the corpus is empty: no non-blank documents in the inputs")

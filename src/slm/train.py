@@ -10,11 +10,11 @@ import platform
 import shutil
 import signal
 import time
-import tomllib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomllib
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file

@@ -1,0 +1,172 @@
+"""Decode-speed benchmark: our engine with the KV cache, without it, and transformers' generate().
+
+Batch 1, greedy, identical weights; the three are interleaved in one run and each figure is the median
+of ``repeats`` runs, so machine noise hits them alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from slm.config import get_preset
+from slm.files import atomic_write, atomic_write_json
+from slm.generation import Engine, SamplingParams
+from slm.model import GPT
+
+PROMPT_TOKENS = 8
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def decode(model: GPT, prompt: list[int], n: int, use_cache: bool) -> tuple[float, list[int]]:
+    engine = Engine(model, None, max_batch=1, use_cache=use_cache)
+    seq = engine.add(prompt, SamplingParams(max_new_tokens=n, temperature=0, stop_at_eot=False))
+    start = time.perf_counter()
+    while not seq.finished:
+        engine.step()
+    return time.perf_counter() - start, seq.generated
+
+
+@torch.inference_mode()
+def decode_hf(hf, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    ids = torch.tensor([prompt])
+    start = time.perf_counter()
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                      do_sample=False, use_cache=True, pad_token_id=0)
+    return time.perf_counter() - start, out[0, len(prompt) :].tolist()
+
+
+def load_bench_model(model: str | None, preset: str, longest: int) -> tuple[GPT, str]:
+    if model:
+        from slm.checkpoint import load
+
+        m, _ = load(model)
+        return m, f"checkpoint {model}"
+    cfg = copy.deepcopy(get_preset(preset).config)
+    # Random weights: give the shape room for the longest run, so every length decodes without a window
+    # shift and transformers (which cannot go past its positions) can run at every length too.
+    cfg.context_length = max(cfg.context_length, PROMPT_TOKENS + longest)
+    cfg.dropout = 0.0
+    torch.manual_seed(0)
+    return GPT(cfg).eval(), f"random weights, {preset} shape (context {cfg.context_length})"
+
+
+def run_bench(model: str | None, preset: str, lengths: list[int], repeats: int = 3, threads: int | None = None,
+              json_path: str | None = None, plot_path: str | None = None, hf: bool = True,
+              dtype: str = "fp32") -> dict:
+    if not lengths or min(lengths) <= 0:
+        raise ValueError("--lengths must be positive integers, e.g. 64,128,512")
+    if repeats < 1:
+        raise ValueError("--repeats must be at least 1")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if threads:
+        torch.set_num_threads(threads)
+    lengths = sorted(lengths)
+    net, what = load_bench_model(model, preset, lengths[-1])
+    fast = net if dtype == "fp32" else copy.deepcopy(net).to(DTYPES[dtype])
+    prompt = torch.randint(0, net.config.vocab_size, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(1))
+    prompt = prompt.tolist()
+    hf_model = None
+    if hf:
+        from slm.export import to_hf_model
+
+        hf_model = to_hf_model(net)
+    context = net.config.context_length
+    impls = {"cached": lambda n: decode(fast, prompt, n, True), "uncached": lambda n: decode(fast, prompt, n, False)}
+    if hf_model is not None:
+        impls["hf_cached"] = lambda n: decode_hf(hf_model, prompt, n)
+    for fn in impls.values():  # warm-up: first calls pay for allocations and lazy initialisation
+        fn(8)
+    times: dict[str, dict[int, list[float]]] = {k: {n: [] for n in lengths} for k in impls}
+    tokens: dict[str, dict[int, list[int]]] = {k: {} for k in impls}
+    for _ in range(repeats):
+        for n in lengths:
+            for name, fn in impls.items():
+                if name == "hf_cached" and PROMPT_TOKENS + n > context:
+                    continue  # past its learned positions transformers cannot continue
+                seconds, out = fn(n)
+                times[name][n].append(seconds)
+                tokens[name][n] = out
+    reference = {n: decode(net, prompt, n, True)[1] for n in lengths} if dtype != "fp32" else tokens["cached"]
+    rows = []
+    for n in lengths:
+        row: dict = {"new_tokens": n}
+        for name in impls:
+            t = times[name][n]
+            row[f"{name}_tok_s"] = round(n / statistics.median(t), 1) if t else None
+        row["cache_equals_uncached"] = tokens["cached"][n] == tokens["uncached"][n]
+        if dtype != "fp32":
+            row["matches_fp32"] = tokens["cached"][n] == reference[n]
+        if "hf_cached" in impls and n in tokens["hf_cached"]:
+            row["matches_hf"] = tokens["hf_cached"][n] == reference[n]
+        rows.append(row)
+    longest = rows[-1]
+    with_hf = [r for r in rows if r.get("hf_cached_tok_s")]
+    result = {
+        "model": what,
+        "parameters": net.num_parameters(),
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "prompt_tokens": PROMPT_TOKENS,
+        "repeats": repeats,
+        "rows": rows,
+        "kv_speedup_max": round(longest["cached_tok_s"] / longest["uncached_tok_s"], 2),
+        "speedup_vs_hf": round(with_hf[-1]["cached_tok_s"] / with_hf[-1]["hf_cached_tok_s"], 2) if with_hf else None,
+        "speedup_vs_hf_at": with_hf[-1]["new_tokens"] if with_hf else None,
+    }
+    print_table(result)
+    if json_path:
+        atomic_write_json(Path(json_path), result)
+    if plot_path:
+        plot(result, Path(plot_path))
+    return result
+
+
+def print_table(result: dict) -> None:
+    print(f"{result['model']} | {result['parameters']:,} parameters | {result['dtype']} | "
+          f"{result['threads']} threads | median of {result['repeats']}")
+    cols = [k for k in result["rows"][0] if k != "new_tokens"]
+    print(f"{'new tokens':>10} " + " ".join(f"{c:>22}" for c in cols))
+    for row in result["rows"]:
+        print(f"{row['new_tokens']:>10} " + " ".join(f"{str(row.get(c)):>22}" for c in cols))
+    print(f"kv_speedup_max (cached / uncached at {result['rows'][-1]['new_tokens']}): {result['kv_speedup_max']}")
+    if result["speedup_vs_hf"] is not None:
+        print(f"speedup_vs_hf (ours cached / transformers cached at {result['speedup_vs_hf_at']}): "
+              f"{result['speedup_vs_hf']}")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    labels = {"cached_tok_s": "slm, KV cache", "uncached_tok_s": "slm, no cache",
+              "hf_cached_tok_s": "transformers generate (cache)"}
+    for key, label in labels.items():
+        pts = [(r["new_tokens"], r[key]) for r in rows if r.get(key)]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "o-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("new tokens (batch 1, greedy)")
+    ax.set_ylabel("tokens / second")
+    ax.set_title(f"{result['model']}\n{result['parameters'] / 1e6:.1f}M params, {result['dtype']}, "
+                 f"{result['threads']} threads", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+

@@ -1,0 +1,89 @@
+"""Shared fixtures: a small corpus the tests write themselves, prepared data, a briefly trained tiny model."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+ROOT = Path(__file__).resolve().parents[1]
+ANIMALS = ["rabbit", "fox", "bear", "duck", "mouse", "cat", "dog", "owl"]
+NAMES = ["Tom", "Lily", "Max", "Anna", "Ben", "Sue"]
+PLACES = ["woods", "garden", "river", "hill", "house", "field"]
+THINGS = ["a red ball", "a big cake", "a blue hat", "an old key", "a small boat", "a shiny stone"]
+FEELINGS = ["happy", "sad", "scared", "proud", "tired"]
+
+
+def make_story(rng: random.Random) -> str:
+    """A short, regular children's story: structure a tiny model can learn in a few hundred steps."""
+    animal, name, place, thing, feel = (rng.choice(x) for x in (ANIMALS, NAMES, PLACES, THINGS, FEELINGS))
+    friend = rng.choice([a for a in ANIMALS if a != animal])
+    return (
+        f"Once upon a time there was a little {animal} named {name}. {name} lived near the {place}.\n\n"
+        f"One day {name} found {thing} in the {place}. {name} was very {feel}. "
+        f"{name} showed {thing} to a {friend}. The {friend} said, \"What a nice thing!\"\n\n"
+        f"They played in the {place} until the sun went down. The end."
+    )
+
+
+def write_corpus(directory: Path, n_docs: int = 400, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "stories.txt"
+    # One .txt file is one document, so the stories go to a JSONL file (one story a line) instead.
+    import json
+
+    path = directory / "stories.jsonl"
+    path.write_text("".join(json.dumps({"text": make_story(rng)}) + "\n" for _ in range(n_docs)), encoding="utf-8")
+    return path
+
+
+def run_slm(*args: str, timeout: float = 300, env: dict | None = None, cwd: Path | None = None):
+    """Run the real `slm` command line in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "slm.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=cwd)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def prepared(corpus, tmp_path_factory) -> Path:
+    from slm.data import prepare
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare([corpus], out, vocab_size=512, val_fraction=0.1, seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(prepared, tmp_path_factory) -> Path:
+    """The tiny preset trained for a few hundred steps: a real checkpoint directory (best/)."""
+    from slm.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(preset="tiny", batch_size=16, max_steps=300, lr=3e-3, warmup_steps=20, eval_interval=100,
+                      eval_windows=16, log_interval=20, seed=0, device="cpu", dtype="fp32")
+    train(prepared, out, cfg, progress=False)
+    return out / "best"
+
+
+@pytest.fixture()
+def tiny_model():
+    from slm.config import get_preset
+    from slm.model import GPT
+
+    torch.manual_seed(0)
+    return GPT(get_preset("tiny").config).eval()

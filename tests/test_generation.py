@@ -1,0 +1,178 @@
+"""Generation: the KV cache changes nothing but speed, batching changes nothing, sampling is reproducible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slm.generation import Engine, GenerationError, SamplingParams, generate, sample, stream
+from slm.kv_cache import KVCache
+
+CONTEXT = 64  # the tiny preset's
+
+
+@pytest.mark.parametrize("new_tokens", [1, 10, CONTEXT - 8, CONTEXT, CONTEXT + 1, 3 * CONTEXT])
+def test_cache_and_no_cache_agree_at_every_length(tiny_model, new_tokens):
+    prompt = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(new_tokens))
+    cached = generate(tiny_model, prompt, max_new_tokens=new_tokens, temperature=0, use_cache=True)
+    uncached = generate(tiny_model, prompt, max_new_tokens=new_tokens, temperature=0, use_cache=False)
+    assert cached.shape == (1, 8 + new_tokens)
+    assert cached.tolist() == uncached.tolist()
+
+
+def test_cache_agrees_with_a_prompt_longer_than_the_context(tiny_model):
+    prompt = torch.randint(0, 512, (1, CONTEXT + 30), generator=torch.Generator().manual_seed(5))
+    cached = generate(tiny_model, prompt, max_new_tokens=100, temperature=0, use_cache=True)
+    uncached = generate(tiny_model, prompt, max_new_tokens=100, temperature=0, use_cache=False)
+    assert cached.tolist() == uncached.tolist()
+
+
+def test_batch_of_different_lengths_equals_each_alone(tiny_model):
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (1, 5, 17, 40, 63, 64, 90)]
+    alone = [generate(tiny_model, [p], max_new_tokens=2 * CONTEXT, temperature=0)[0] for p in prompts]
+    assert generate(tiny_model, prompts, max_new_tokens=2 * CONTEXT, temperature=0) == alone
+    assert generate(tiny_model, prompts, max_new_tokens=2 * CONTEXT, temperature=0, use_cache=False) == alone
+
+
+def test_sequences_join_and_leave_a_running_batch(tiny_model):
+    """Continuous batching: a request added mid-way gets exactly what it gets alone."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (4, 30, 11, 50)]
+    lengths = [20, 90, 5, 70]
+    alone = [generate(tiny_model, [p], max_new_tokens=n, temperature=0)[0][len(p):]
+             for p, n in zip(prompts, lengths, strict=True)]
+    engine = Engine(tiny_model, max_batch=4)
+    seqs = [engine.add(prompts[0], SamplingParams(lengths[0], temperature=0))]
+    for step in range(400):
+        if step in (3, 7, 25):
+            i = len(seqs)
+            seqs.append(engine.add(prompts[i], SamplingParams(lengths[i], temperature=0)))
+        engine.step()
+        if not engine.active and len(seqs) == 4:
+            break
+    assert [s.generated for s in seqs] == alone
+
+
+def test_seeded_sampling_is_reproducible(tiny_model):
+    prompt = torch.randint(0, 512, (2, 6))
+    kwargs = dict(max_new_tokens=40, temperature=1.0, top_k=50, top_p=0.9)
+    a = generate(tiny_model, prompt, seed=7, **kwargs)
+    b = generate(tiny_model, prompt, seed=7, **kwargs)
+    c = generate(tiny_model, prompt, seed=8, **kwargs)
+    assert a.tolist() == b.tolist()
+    assert a.tolist() != c.tolist()
+    # The seed gives the same text with and without the cache too.
+    assert generate(tiny_model, prompt, seed=7, use_cache=False, **kwargs).tolist() == a.tolist()
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.tensor([5.0, 4.0, 1.0, 0.0, -1.0])
+    g = torch.Generator().manual_seed(0)
+    draws = {sample(logits, SamplingParams(temperature=1.0, top_k=2), g) for _ in range(300)}
+    assert draws == {0, 1}
+    # Token 0 holds ~72% of the mass: top_p 0.5 keeps it alone, 0.9 adds token 1.
+    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.5), g) for _ in range(200)} == {0}
+    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.9), g) for _ in range(300)} == {0, 1}
+    assert sample(logits, SamplingParams(temperature=0), None) == 0
+
+
+def test_kv_cache_is_written_in_place(tiny_model):
+    engine = Engine(tiny_model, max_batch=2)
+    k_ptr, v_ptr = engine.cache.k.data_ptr(), engine.cache.v.data_ptr()
+    engine.add([1, 2, 3], SamplingParams(3 * CONTEXT, temperature=0))
+    while engine.active:
+        engine.step()
+    assert (engine.cache.k.data_ptr(), engine.cache.v.data_ptr()) == (k_ptr, v_ptr)
+    assert engine.cache.k.shape == (3, 2, 3, CONTEXT, 32)
+
+
+def test_prefill_is_one_pass_and_each_token_one_pass(tiny_model, monkeypatch):
+    calls = []
+    original = tiny_model.forward
+
+    def counting(tokens, *args, **kwargs):
+        calls.append(tokens.shape[1])
+        return original(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "forward", counting)
+    generate(tiny_model, torch.randint(0, 512, (1, 20)), max_new_tokens=10, temperature=0)
+    assert calls == [19] + [1] * 10  # the prompt minus its last token, then one token per pass
+
+
+def test_kv_cache_rows_are_views():
+    cache = KVCache(n_layer=2, batch_size=4, n_head=2, max_len=8, head_dim=4)
+    view = cache.rows(1, 3)
+    view.lengths += 2
+    assert cache.lengths.tolist() == [0, 2, 2, 0]
+    assert view.k.data_ptr() == cache.k[:, 1].data_ptr()
+
+
+def test_stop_strings_and_end_of_text(trained):
+    from slm.checkpoint import load
+
+    model, tok = load(trained)
+    prompt = tok.encode("Once upon a time there was a little")
+    engine = Engine(model, tok, max_batch=1)
+    seq = engine.add(prompt, SamplingParams(200, temperature=0, stop=(".",)))
+    while engine.active:
+        engine.step()
+    assert seq.finish_reason == "stop" and "." not in seq.text and seq.text
+    # Without a stop string the trained model ends its story with <|endoftext|> before 200 tokens.
+    engine = Engine(model, tok, max_batch=1)
+    seq = engine.add(prompt, SamplingParams(200, temperature=0))
+    while engine.active:
+        engine.step()
+    assert seq.finish_reason == "eot" and tok.eot_id not in seq.generated
+    assert "The end." in seq.text
+
+
+def test_stream_yields_pieces_that_join_to_the_text(trained):
+    from slm.checkpoint import load
+
+    model, tok = load(trained)
+    pieces = list(stream(model, tok, "One day Tom", max_new_tokens=60, temperature=0))
+    full = generate(model, [tok.encode("One day Tom")], max_new_tokens=60, temperature=0, tokenizer=tok)[0]
+    assert len(pieces) > 5
+    assert "".join(pieces) == tok.decode(full[len(tok.encode("One day Tom")):])
+
+
+def test_stream_never_splits_a_character(trained):
+    from slm.checkpoint import load
+    from slm.tokenizer import _bytes_to_unicode
+
+    model, tok = load(trained)
+    # Feed multi-byte characters one byte token at a time: each comes out whole, once complete.
+    table = _bytes_to_unicode()
+    decoder = tok.stream_decoder()
+    pieces = [decoder.push(tok.hf.token_to_id(table[b])) for b in "é🙂".encode()]
+    assert pieces == ["", "é", "", "", "", "🙂"]
+    # A hot sampler emits arbitrary byte tokens; the streamed pieces still join to the decoded text.
+    engine = Engine(model, tok, max_batch=1)
+    seq = engine.add(tok.encode("Once"), SamplingParams(80, temperature=5.0, seed=1))
+    streamed = []
+    while engine.active:
+        engine.step()
+        streamed.append(seq.take_text())
+    assert "".join(streamed) == tok.decode(seq.generated)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": 10**7}, "max_new_tokens"),
+    ({"temperature": -1}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -3}, "top_k"),
+])
+def test_bad_settings_raise_value_errors_naming_the_field(tiny_model, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        generate(tiny_model, [[1, 2, 3]], **kwargs)
+
+
+def test_empty_prompt_and_bad_token_ids(tiny_model):
+    with pytest.raises(GenerationError, match="empty"):
+        generate(tiny_model, [[]], max_new_tokens=3)
+    with pytest.raises(GenerationError, match="token ids"):
+        generate(tiny_model, [[1, 99999]], max_new_tokens=3)
