@@ -1,0 +1,108 @@
+"""The `slm` command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_slm
+
+
+def test_info_lists_presets_with_parameter_counts():
+    r = run_slm("info")
+    assert r.returncode == 0
+    assert "slm-16m" in r.stdout and "15,764,352" in r.stdout and "seed-16m" in r.stdout and "tiny" in r.stdout
+    assert "15,764,352" in run_slm("generate", "--help").stdout
+
+
+def test_generate_json_with_and_without_cache(trained):
+    outs = []
+    for flag in ([], ["--no-kv-cache"]):
+        r = run_slm("generate", "--model", str(trained), "--prompt", "Once upon a time", "--temperature", "0",
+                    "--max-new-tokens", "30", "--json", *flag)
+        assert r.returncode == 0, r.stderr
+        outs.append(json.loads(r.stdout))
+    a, b = outs
+    assert a["text"] == b["text"] and a["text"].strip()
+    assert a["prompt_tokens"] >= 4
+    assert 0 < a["generated_tokens"] <= 30 and a["tokens_per_second"] > 0 and a["seconds"] > 0
+    assert a["kv_cache"] is True and b["kv_cache"] is False
+
+
+def test_generate_stream_and_seed(trained):
+    args = ["generate", "--model", str(trained), "--prompt", "One day", "--max-new-tokens", "25", "--seed", "4",
+            "--temperature", "1.0", "--top-k", "40", "--top-p", "0.95"]
+    a, b = run_slm(*args), run_slm(*args, "--stream")
+    assert a.returncode == b.returncode == 0
+    assert a.stdout == b.stdout and a.stdout.startswith("One day")
+
+
+def test_long_prompt_is_reported(trained):
+    r = run_slm("generate", "--model", str(trained), "--prompt", "the fox ran " * 100, "--max-new-tokens", "3")
+    assert r.returncode == 0 and "keeping its last 64" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--prompt", ""], "--prompt is empty"),
+    (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+    (["generate", "--prompt", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be between"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "99999999"], "max_new_tokens must be between"),
+    (["generate", "--model", "/nonexistent/dir", "--prompt", "hi"], "checkpoint directory not found"),
+    (["train", "--data", "/nonexistent", "--out", "/tmp/x", "--preset", "tiny"], "directory not found"),
+    (["prepare", "/nonexistent.txt", "--out", "/tmp/x"], "input not found"),
+    (["eval", "--model", "/nonexistent", "x.txt"], "checkpoint directory not found"),
+])
+def test_user_mistakes_get_one_line_errors(args, message, trained):
+    if "--model" not in args and args[0] == "generate":
+        args = [*args, "--model", str(trained)]
+    r = run_slm(*args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_unknown_preset_on_the_command_line(prepared, tmp_path):
+    r = run_slm("train", "--data", str(prepared), "--out", str(tmp_path / "r"), "--preset", "huge")
+    assert r.returncode == 2 and "unknown preset 'huge'; choose one of: seed-16m, slm-16m, tiny" in r.stderr
+
+
+def test_pickle_checkpoint_refused_on_the_command_line(tmp_path):
+    import torch
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "model.pt")
+    r = run_slm("generate", "--model", str(tmp_path / "model.pt"), "--prompt", "hi")
+    assert r.returncode == 2 and "pickle" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prepare_train_eval_export_end_to_end(corpus, tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    r = run_slm("prepare", str(corpus), "--out", str(data), "--vocab-size", "400", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "train:" in r.stdout and (data / "train.bin").is_file()
+    r = run_slm("train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "30",
+                "--eval-interval", "15", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "done: 30 steps" in r.stdout
+    text = tmp_path / "held_out.txt"
+    text.write_text("Once upon a time there was a little owl named Sue. Sue lived near the hill.")
+    r = run_slm("eval", "--model", str(run / "best"), str(text), "--json")
+    assert r.returncode == 0, r.stderr
+    total = json.loads(r.stdout)["total"]
+    assert total["bytes"] == len(text.read_bytes()) and total["bits_per_byte"] > 0
+    r = run_slm("export-hf", "--model", str(run / "best"), "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_bench_prints_a_table_and_writes_json_and_plot(tmp_path):
+    r = run_slm("bench", "--preset", "tiny", "--lengths", "8,32", "--repeats", "1", "--json",
+                str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"))
+    assert r.returncode == 0, r.stderr
+    assert "kv_speedup_max" in r.stdout and "speedup_vs_hf" in r.stdout
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert [row["new_tokens"] for row in result["rows"]] == [8, 32]
+    assert all(row["cache_equals_uncached"] and row["matches_hf"] for row in result["rows"])
+    assert result["kv_speedup_max"] > 0 and result["speedup_vs_hf"] > 0
+    assert (tmp_path / "b.png").stat().st_size > 5000
