@@ -1,0 +1,45 @@
+# `make demo` and `make test` set everything up themselves: a virtual environment in .venv with the
+# project and its extras installed (torch pinned to the CPU build in pyproject.toml).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+API_PORT ?= 8000
+UI_PORT  ?= 8501
+
+.PHONY: install test lint demo bench system-deps docker-test clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[serve,ui,data,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian's chromium for the real-browser test (Playwright drives it; no browser download).
+system-deps:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "chromium is missing: install it with 'sudo apt-get install chromium' (Debian/Ubuntu)"; exit 1; \
+	  fi; \
+	fi
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+
+test: install system-deps lint
+	$(PY) -m pytest -q
+
+demo: install
+	@test -d models/slm-16m-stories || { echo "the bundled model models/slm-16m-stories is missing"; exit 1; }
+	$(PY) -m slm.demo --api-port $(API_PORT) --ui-port $(UI_PORT)
+
+bench: install
+	$(PY) -m slm.cli bench --preset slm-16m --lengths 64,128,256,512 --json benchmarks/bench-slm-16m.json \
+	  --plot benchmarks/bench-slm-16m.png
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,36 @@
+"""Server settings: defaults, overridden by SLM_* environment variables, overridden by CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class Settings:
+    model: str = "default"  # checkpoint directory or "default" (SLM_MODEL)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 16  # sequences decoded together per model
+    max_queue: int = 64  # requests waiting for a batch slot; beyond this, 429
+    max_new_tokens: int = 1024  # upper bound a request may ask for
+    max_prompt_chars: int = 20_000
+    max_body_bytes: int = 1_000_000
+    request_timeout: float = 120.0  # seconds a request may take in all
+    api_key: str = ""  # when set, requests need "Authorization: Bearer <key>"
+    cors_origins: str = ""  # comma-separated origins; empty = CORS off
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+    @classmethod
+    def from_env(cls, **overrides) -> Settings:
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = os.environ.get(f"SLM_{f.name.upper()}")
+            if raw is not None and raw != "":
+                try:
+                    values[f.name] = type(f.default)(raw)
+                except ValueError as e:
+                    raise ValueError(f"SLM_{f.name.upper()}={raw!r}: expected {type(f.default).__name__}") from e
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
