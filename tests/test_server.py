@@ -1,0 +1,239 @@
+"""The HTTP API against a real uvicorn server on a free port on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from conftest import run_slm
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(model, **env):
+    port = free_port()
+    full_env = {**os.environ, "SLM_THREADS": "1", **{f"SLM_{k.upper()}": str(v) for k, v in env.items()}}
+    proc = subprocess.Popen([sys.executable, "-m", "slm.cli", "serve", "--model", str(model), "--port", str(port)],
+                            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):  # bounded wait for start-up
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stdout.read()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        else:
+            raise RuntimeError("server did not become healthy in 30 s")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        assert "Traceback" not in out, out
+
+
+@pytest.fixture(scope="module")
+def api(trained):
+    with server(trained) as url:
+        yield url
+
+
+def post(url, path, body, **kw):
+    return httpx.post(f"{url}{path}", json=body, timeout=120, **kw)
+
+
+def test_root_health_models_metrics(api):
+    root = httpx.get(api).json()
+    assert root["name"] == "slm" and root["model"]["parameters"] > 1e5 and root["device"] == "cpu"
+    assert httpx.get(f"{api}/health").json()["status"] == "ok"
+    models = httpx.get(f"{api}/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "best"
+    post(api, "/predict", {"input_text": "Once", "max_new_tokens": 5})
+    text = httpx.get(f"{api}/metrics").text
+    for name in ("slm_requests_total", "slm_generated_tokens_total", "slm_request_latency_seconds",
+                 "slm_queue_depth", "slm_batch_size"):
+        assert name in text
+    assert httpx.get(f"{api}/openapi.json").json()["paths"]["/predict"]
+
+
+def test_greedy_text_is_the_same_everywhere(api, trained):
+    prompt = "Once upon a time there was"
+    body = {"input_text": prompt, "temperature": 0, "max_new_tokens": 40}
+    basic = post(api, "/predict", {**body, "model_type": "basic"}).json()
+    cached = post(api, "/predict", {**body, "model_type": "cached"}).json()
+    completion = post(api, "/v1/completions", {"prompt": prompt, "temperature": 0, "max_tokens": 40}).json()
+    cli = json.loads(run_slm("generate", "--model", str(trained), "--prompt", prompt, "--temperature", "0",
+                             "--max-new-tokens", "40", "--json").stdout)
+    assert basic["result"] == cached["result"] == completion["choices"][0]["text"] == cli["text"]
+    assert basic["result"].strip()
+    assert cached["generated_tokens"] == cli["generated_tokens"] and cached["tokens_per_second"] > 0
+    assert cached["settings"]["kv_cache"] is True and basic["settings"]["kv_cache"] is False
+    assert completion["usage"]["completion_tokens"] == cli["generated_tokens"]
+
+
+def test_untrained_model_answers_differently(api):
+    body = {"input_text": "Once upon a time", "temperature": 0, "max_new_tokens": 20}
+    untrained = post(api, "/predict", {**body, "model_type": "untrained"}).json()
+    cached = post(api, "/predict", {**body, "model_type": "cached"}).json()
+    assert untrained["model_type"] == "untrained" and untrained["result"] != cached["result"]
+
+
+def test_seeded_sampling_repeats(api):
+    body = {"input_text": "One day", "temperature": 1.0, "top_k": 40, "top_p": 0.9, "seed": 11, "max_new_tokens": 30}
+    a, b = post(api, "/predict", body).json(), post(api, "/predict", body).json()
+    assert a["result"] == b["result"]
+
+
+def test_streaming_sends_one_event_per_token_then_done(api):
+    body = {"prompt": "Once upon a time", "temperature": 0, "max_tokens": 12, "stream": True}
+    with httpx.stream("POST", f"{api}/v1/completions", json=body, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert events[-1]["usage"]["completion_tokens"] == 12
+    pieces = [e["choices"][0]["text"] for e in events[:-1]]
+    assert len(pieces) >= 10  # one event per token (a token that only starts a character waits for the next)
+    whole = post(api, "/v1/completions", {**body, "stream": False}).json()["choices"][0]["text"]
+    assert "".join(pieces) == whole
+
+
+def test_openai_client(api):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{api}/v1", api_key="unused")
+    out = client.completions.create(model="best", prompt="Once upon a time", max_tokens=10, temperature=0)
+    assert out.choices[0].text and out.usage.completion_tokens == 10
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="best", prompt="Once upon a time", max_tokens=10, temperature=0, stream=True))
+    assert streamed == out.choices[0].text
+    stopped = client.completions.create(model="best", prompt="Once upon a time", max_tokens=50, temperature=0,
+                                        stop=["."])
+    assert "." not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/predict", {"input_text": "", "model_type": "cached"}, "input_text"),
+    ("/predict", {"input_text": "hi", "model_type": "turbo"}, "model_type"),
+    ("/predict", {"input_text": "hi", "temperature": -0.5}, "temperature"),
+    ("/predict", {"input_text": "hi", "top_p": 0}, "top_p"),
+    ("/predict", {"input_text": "hi", "top_p": 1.5}, "top_p"),
+    ("/predict", {"input_text": "hi", "top_k": -1}, "top_k"),
+    ("/predict", {"input_text": "hi", "max_new_tokens": 0}, "max_new_tokens"),
+    ("/predict", {"input_text": "hi", "max_new_tokens": 10**6}, "max_new_tokens"),
+    ("/predict", {"input_text": "hi", "unknown": 1}, "unknown"),
+    ("/predict", {"input_text": "x" * 30_000}, "input_text"),
+    ("/predict", {"input_text": 5}, "input_text"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+])
+def test_bad_requests_get_422_naming_the_field(api, path, body, field):
+    r = post(api, path, body)
+    assert r.status_code == 422, r.text
+    assert field in r.json()["detail"]
+
+
+def test_malformed_bodies(api):
+    r = httpx.post(f"{api}/predict", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    r = httpx.post(f"{api}/predict", content=b"x" * 2_000_000, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert httpx.get(f"{api}/health").status_code == 200  # still alive
+
+
+def test_sixteen_concurrent_requests_each_get_what_they_get_alone(api):
+    prompts = [f"Once upon a time there was a little {w}" for w in
+               ["rabbit", "fox", "bear", "duck", "mouse", "cat", "dog", "owl"]] * 2
+    lengths = [10 + 5 * i for i in range(16)]
+    alone = [post(api, "/predict", {"input_text": p, "temperature": 0, "max_new_tokens": n})
+             .json()["result"] for p, n in zip(prompts, lengths, strict=True)]
+
+    async def flood():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[
+                client.post(f"{api}/predict", json={"input_text": p, "temperature": 0, "max_new_tokens": n})
+                for p, n in zip(prompts, lengths, strict=True)])
+
+    responses = asyncio.run(flood())
+    assert all(r.status_code == 200 for r in responses)
+    assert [r.json()["result"] for r in responses] == alone
+
+
+def test_disconnect_cancels_generation(api):
+    def cancelled() -> float:
+        for line in httpx.get(f"{api}/metrics").text.splitlines():
+            if line.startswith('slm_finished_total{reason="cancelled"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = cancelled()
+    body = {"prompt": "Once", "max_tokens": 1000, "temperature": 1.0, "stream": True}
+    with httpx.stream("POST", f"{api}/v1/completions", json=body, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break  # leave after a few tokens: closing the connection must stop the generation
+    for _ in range(50):
+        if cancelled() > before:
+            break
+        time.sleep(0.1)
+    assert cancelled() == before + 1
+
+
+def test_full_queue_answers_429(trained):
+    with server(trained, max_batch=1, max_queue=2) as url:
+        async def flood():
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(*[client.post(f"{url}/predict", json={
+                    "input_text": "Once", "max_new_tokens": 300, "model_type": "basic"}) for _ in range(10)])
+
+        codes = sorted(r.status_code for r in asyncio.run(flood()))
+        assert 429 in codes and 200 in codes
+        assert codes.count(200) >= 3  # one running + two queued always get through
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_request_timeout_gives_504(trained):
+    with server(trained, request_timeout=0.3) as url:
+        r = post(url, "/predict", {"input_text": "Once", "max_new_tokens": 1000, "model_type": "untrained"})
+        assert r.status_code == 504 and "timeout" in r.json()["detail"]
+
+
+def test_bearer_token_auth(trained):
+    with server(trained, api_key="sekrit") as url:
+        assert httpx.get(f"{url}/health").status_code == 200
+        r = post(url, "/predict", {"input_text": "hi", "max_new_tokens": 3})
+        assert r.status_code == 401 and "API key" in r.json()["detail"]
+        r = post(url, "/predict", {"input_text": "hi", "max_new_tokens": 3}, headers={"Authorization": "Bearer no"})
+        assert r.status_code == 401
+        r = post(url, "/predict", {"input_text": "hi", "max_new_tokens": 3},
+                 headers={"Authorization": "Bearer sekrit"})
+        assert r.status_code == 200
+
+
+def test_serve_refuses_a_missing_model():
+    r = run_slm("serve", "--model", "/nonexistent/model", "--port", str(free_port()), timeout=60)
+    assert r.returncode == 2 and "checkpoint directory not found" in r.stderr
