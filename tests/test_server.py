@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
+
 from conftest import run_slm
 
 
