@@ -163,7 +163,9 @@ class Engine:
         produced = []
         greedy = [i for i, s in enumerate(self.active) if s.params.temperature == 0]
         tokens = [0] * len(self.active)
-        if greedy:
+        if len(greedy) == len(self.active):
+            tokens = logits.argmax(dim=-1).tolist()
+        elif greedy:
             argmax = logits[greedy].argmax(dim=-1).tolist()
             for i, t in zip(greedy, argmax, strict=True):
                 tokens[i] = t

@@ -66,23 +66,27 @@ class KVCache:
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int | None]:
-        """Store new keys/values ``[B, H, T, D]`` at each row's write position.
+    def uniform_start(self) -> int | None:
+        """The shared write position when every row is at the same one, else None (one host sync)."""
+        lengths = self.lengths.tolist()
+        return lengths[0] if min(lengths) == max(lengths) else None
 
-        Returns the keys and values to attend over and, when all rows share one position, that start
-        position (so the caller can use a plain causal mask); ``None`` means rows differ (decode only).
-        The caller advances ``lengths`` once per forward pass via :meth:`advance`.
+    def write(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new keys/values ``[B, H, T, D]``; return the keys and values to attend over.
+
+        ``start`` is the rows' shared position (from :meth:`uniform_start`), or None when rows differ,
+        which is allowed for one new token per row. The caller advances ``lengths`` via :meth:`advance`.
         """
         t = k.shape[2]
-        start = int(self.lengths[0])
-        uniform = bool((self.lengths == start).all())
-        if uniform:
+        if start is not None:
             end = start + t
             if end > self.max_len:
                 raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
             self.k[layer, :, :, start:end] = k
             self.v[layer, :, :, start:end] = v
-            return self.k[layer, :, :, :end], self.v[layer, :, :, :end], start
+            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
         if t != 1:
             raise ValueError("rows at different positions can only decode one token at a time")
         end = int(self.lengths.max()) + 1
@@ -91,7 +95,7 @@ class KVCache:
         rows = torch.arange(self.batch_size, device=k.device)
         self.k[layer, rows, :, self.lengths] = k[:, :, 0]
         self.v[layer, rows, :, self.lengths] = v[:, :, 0]
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], None
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def decode_mask(self) -> torch.Tensor:
         """Boolean mask ``[B, 1, 1, S]``: row b may attend slots ``0 .. lengths[b]`` (its new token included)."""

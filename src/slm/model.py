@@ -24,17 +24,16 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.d_model, 3 * config.d_model)
         self.c_proj = nn.Linear(config.d_model, config.d_model)
         self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None, decode_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None, start: int | None,
+                decode_mask: torch.Tensor | None) -> torch.Tensor:
         b, t, c = x.shape
-        q, k, v = self.c_attn(x).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        q, k, v = self.c_attn(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
         dropout = self.dropout if self.training else 0.0
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
-            k, v, start = cache.write(self.layer, k, v)
+            k, v = cache.write(self.layer, k, v, start)
             if start is None:  # rows at different positions, one new token each
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=decode_mask)
             elif t == 1:  # one new token attends to everything before it
@@ -45,8 +44,8 @@ class CausalSelfAttention(nn.Module):
                 rows = torch.arange(t, device=x.device)[:, None] + start
                 mask = torch.arange(start + t, device=x.device)[None, :] <= rows
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(b, t, c)
-        return self.resid_dropout(self.c_proj(y))
+        y = self.c_proj(y.transpose(1, 2).reshape(b, t, c))
+        return F.dropout(y, dropout, self.training) if dropout else y
 
 
 class MLP(nn.Module):
@@ -54,10 +53,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.d_model, 4 * config.d_model)
         self.c_proj = nn.Linear(4 * config.d_model, config.d_model)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        y = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return F.dropout(y, self.dropout, self.training) if self.dropout and self.training else y
 
 
 class Block(nn.Module):
@@ -68,8 +68,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None, decode_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, decode_mask)
+    def forward(self, x: torch.Tensor, cache: KVCache | None, start: int | None,
+                decode_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, start, decode_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -79,7 +80,6 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.wpe = nn.Embedding(config.context_length, config.d_model)
-        self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self._head_cache: tuple[tuple, torch.Tensor] | None = None
@@ -125,21 +125,27 @@ class GPT(nn.Module):
         ``cache.lengths[b]``, its keys and values are written into the cache, and the lengths advance by T.
         """
         b, t = tokens.shape
-        decode_mask = None
+        start, decode_mask = 0, None
         if cache is None:
             if t > self.config.context_length:
                 raise ValueError(f"sequence of {t} tokens exceeds the context length {self.config.context_length}")
             pos = torch.arange(t, device=tokens.device)[None, :]
         else:
-            end = int(cache.lengths.max()) + t
+            start = cache.uniform_start()
+            if start is None:  # rows at different positions (decode only): each at its own length
+                end = int(cache.lengths.max()) + t
+                pos = cache.lengths[:, None]
+                decode_mask = cache.decode_mask()
+            else:
+                end = start + t
+                pos = torch.arange(start, end, device=tokens.device)[None, :]
             if end > self.config.context_length:
                 raise ValueError(f"position {end - 1} is past the context length {self.config.context_length}")
-            pos = cache.lengths[:, None] + torch.arange(t, device=tokens.device)[None, :]
-            if t == 1 and not bool((cache.lengths == cache.lengths[0]).all()):
-                decode_mask = cache.decode_mask()
-        x = self.drop(self.wte(tokens) + self.wpe(pos))
+        x = self.wte(tokens) + self.wpe(pos)
+        if self.training and self.config.dropout:
+            x = F.dropout(x, self.config.dropout, True)
         for block in self.h:
-            x = block(x, cache, decode_mask)
+            x = block(x, cache, start, decode_mask)
         if cache is not None:
             cache.advance(t)
         if logits_at is not None:
