@@ -43,3 +43,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Build the slm-api and slm-ui images on a locally made base, run the compose stack on host networking,
+# exercise the API and the UI (headless Chromium), then tear everything down (see docker/test.sh).
+docker-test: install
+	bash docker/test.sh

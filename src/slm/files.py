@@ -17,6 +17,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a checkpoint must be readable by other users
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

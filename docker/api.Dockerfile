@@ -1,0 +1,31 @@
+# slm-api: the HTTP API with the bundled model. CPU-only PyTorch by default; for a GPU build pass
+#   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124 (and run with --gpus all).
+ARG BASE=python:3.11-slim
+
+FROM ${BASE} AS build
+# Where pip finds torch: the CPU wheel index (no CUDA libraries); empty = only wheels put in docker/wheels/.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+COPY docker/wheels/ /wheels/
+RUN pip install --find-links /wheels ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} torch==2.13.0
+COPY pyproject.toml README.md /src/
+COPY src /src/src
+RUN pip install "/src[serve]"
+
+FROM ${BASE}
+RUN useradd --create-home --uid 1000 slm
+COPY --from=build /opt/venv /opt/venv
+COPY models /models
+ENV PATH=/opt/venv/bin:$PATH \
+    SLM_MODELS_DIR=/models \
+    SLM_MODEL=default \
+    SLM_HOST=0.0.0.0 \
+    SLM_PORT=8000 \
+    PYTHONUNBUFFERED=1
+USER 1000:1000
+EXPOSE 8000
+HEALTHCHECK --interval=5s --timeout=3s --start-period=20s --retries=12 \
+  CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('SLM_PORT', '8000') + '/health', timeout=2)"]
+CMD ["slm", "serve"]

@@ -1,0 +1,51 @@
+"""The model shipped in models/: it loads offline, decodes the same with and without the cache, and has learnt."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import slm
+from slm.checkpoint import models_dir
+from slm.evaluate import evaluate_text
+from slm.generation import generate
+from slm.model import GPT
+
+# A short story written for this test (not from the training corpus).
+STORY = (
+    "Once upon a time there was a little girl named Rosie who lived in a small house at the edge of the "
+    "woods. Every morning she fed the hens and gave a carrot to the old grey horse. One day she heard a "
+    "sound in the garden. It was a tiny rabbit, caught in the fence. Rosie was very gentle. She lifted the "
+    "wire and the rabbit hopped away into the grass. \"Thank you!\" it seemed to say. Rosie smiled and went "
+    "back inside, where her mother was baking bread for supper."
+)
+
+
+def test_bundled_model_directory():
+    path = models_dir() / "slm-16m-stories"
+    files = {p.name: p.stat().st_size for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(files)
+    assert sum(files.values()) < 40e6
+    meta = json.loads((path / "config.json").read_text())
+    assert meta["weights_dtype"] == "float16"
+    assert meta["training"]["tokens_seen"] > 0 and meta["training"]["best_val_bpb"] > 0
+
+
+def test_loads_by_default_and_decodes_the_same_with_and_without_cache():
+    model, tok = slm.load("default")
+    assert 15e6 < model.num_parameters() < 17e6 and tok.vocab_size == 8192
+    prompt = [tok.encode("Once upon a time")]
+    cached = generate(model, prompt, max_new_tokens=80, temperature=0, use_cache=True)
+    plain = generate(model, prompt, max_new_tokens=80, temperature=0, use_cache=False)
+    assert cached == plain
+    assert tok.decode(cached[0]).startswith("Once upon a time")
+
+
+def test_bits_per_byte_far_below_an_untrained_model():
+    model, tok = slm.load("default")
+    trained = evaluate_text(model, tok, [STORY])["bits_per_byte"]
+    torch.manual_seed(0)
+    untrained = evaluate_text(GPT(model.config).eval(), tok, [STORY])["bits_per_byte"]
+    assert untrained > 3.0
+    assert trained < 0.7 * untrained, (trained, untrained)
