@@ -28,7 +28,7 @@ system-deps:
 	fi
 
 lint: install
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests benchmarks docker
 
 test: install system-deps lint
 	$(PY) -m pytest -q

@@ -159,15 +159,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    import subprocess
-
     app = Path(__file__).parent / "ui" / "app.py"
     env = dict(os.environ)
     if args.api_url:
         env["SLM_API_URL"] = args.api_url
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
            "--server.address", args.host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    return subprocess.call(cmd, env=env)
+    os.execve(sys.executable, cmd, env)  # become streamlit, so signals reach it directly
+    return 0
 
 
 # ---- parser ---------------------------------------------------------------------------------------------

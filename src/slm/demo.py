@@ -30,6 +30,9 @@ def main() -> int:
     parser.add_argument("--ui-port", type=int, default=8501)
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args()
+    # Ctrl-C and SIGTERM both stop the pair (a shell may have started us with SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     api_url = f"http://{args.host}:{args.api_port}"
     slm = [sys.executable, "-m", "slm.cli"]
     api = subprocess.Popen([*slm, "serve", "--model", args.model, "--host", args.host, "--port", str(args.api_port)])
