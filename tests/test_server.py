@@ -218,8 +218,10 @@ def test_full_queue_answers_429(trained):
 
 
 def test_request_timeout_gives_504(trained):
-    with server(trained, request_timeout=0.3) as url:
-        r = post(url, "/predict", {"input_text": "Once", "max_new_tokens": 1000, "model_type": "untrained"})
+    with server(trained, request_timeout=0.2) as url:
+        # Greedy on the random model never emits end-of-text here, so only the time limit can end it.
+        r = post(url, "/predict", {"input_text": "Once", "max_new_tokens": 1000, "model_type": "untrained",
+                                   "temperature": 0})
         assert r.status_code == 504 and "timeout" in r.json()["detail"]
 
 
