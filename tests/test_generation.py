@@ -176,3 +176,13 @@ def test_empty_prompt_and_bad_token_ids(tiny_model):
         generate(tiny_model, [[]], max_new_tokens=3)
     with pytest.raises(GenerationError, match="token ids"):
         generate(tiny_model, [[1, 99999]], max_new_tokens=3)
+
+
+def test_identical_requests_in_one_batch(tiny_model):
+    """Equal prompts and settings are still separate sequences (rows are tracked by identity)."""
+    engine = Engine(tiny_model, max_batch=4)
+    seqs = [engine.add([5, 6, 7], SamplingParams(n, temperature=0)) for n in (30, 30, 10, 30)]
+    while engine.active:
+        engine.step()
+    alone = generate(tiny_model, [[5, 6, 7]], max_new_tokens=30, temperature=0)[0][3:]
+    assert [s.generated for s in seqs] == [alone, alone, alone[:10], alone]

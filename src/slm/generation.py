@@ -69,7 +69,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not value: two identical requests are still two sequences
 class SequenceState:
     """One request being generated: its prompt, its current window, what it produced and how it ended."""
 
@@ -103,8 +103,8 @@ class SequenceState:
 class Engine:
     """Decodes a changing batch of sequences, one token for each per :meth:`step`.
 
-    With the cache, row ``i`` of the KV cache belongs to ``self.active[i]``; a finished sequence's row is
-    refilled by the last one, so active rows stay contiguous and a decode step is one forward pass over
+    With the cache, row ``i`` of the KV cache belongs to ``self.active[i]``; when sequences finish, the
+    survivors move down into the freed rows, so active rows stay contiguous and a decode step is one forward pass over
     ``rows(0, n)``. A sequence joins at any step (continuous batching): its window minus the last token is
     prefilled in one forward pass, and the last token goes through the shared decode step.
     """
@@ -186,17 +186,14 @@ class Engine:
         cache = self.cache
         assert cache is not None
         # Prefill rows that are new or whose window was shifted: contiguous runs, one forward pass each.
-        run: list[int] = []
-        for i, seq in enumerate(self.active + [None]):  # a sentinel closes the last run
-            if seq is not None and seq.needs_prefill and (not run or run[-1] == i - 1):
-                run.append(i)
-                continue
-            if run:
-                self._prefill(run[0], run[-1] + 1)
-                run = []
-            if seq is not None and seq.needs_prefill:
-                run = [i]
-        n = len(self.active)
+        i, n = 0, len(self.active)
+        while i < n:
+            j = i
+            while j < n and self.active[j].needs_prefill:
+                j += 1
+            if j > i:
+                self._prefill(i, j)
+            i = j + 1
         last = torch.tensor([[s.window[-1]] for s in self.active], device=cache.k.device)
         return self.model(last, cache=cache.rows(0, n))[:, -1]
 
