@@ -231,3 +231,17 @@ def test_eval_sliding_window_scores_every_token_once(trained, tmp_path):
     r = evaluate_text(model, tok, ["Once upon a time there was a little fox named Tom."])
     assert r["bits_per_byte"] == pytest.approx(r["loss"] * r["tokens"] / math.log(2) / r["bytes"])
     assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
+
+
+def test_hf_dataset_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is None:
+        match = "needs the `datasets` package"
+    else:  # installed: offline mode must refuse at once instead of hanging on retries
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        match = "offline"
+    start = time.time()
+    with pytest.raises(DataError, match=match):
+        prepare([], tmp_path / "out", hf_dataset="roneneldan/TinyStories", progress=False)
+    assert time.time() - start < 30
