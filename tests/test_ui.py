@@ -93,7 +93,13 @@ def chromium() -> str:
     return path
 
 
-def test_browser_end_to_end(api):
+def test_browser_end_to_end():
+    """The real pair with the bundled model: type a prompt, run basic and cached, see both answers and the speedup."""
+    with server("default") as api:
+        browse(api)
+
+
+def browse(api: str) -> None:
     from playwright.sync_api import sync_playwright
 
     port = free_port()
@@ -121,7 +127,8 @@ def test_browser_end_to_end(api):
             box.press("Control+Enter")  # commit the text area's value
             page.get_by_role("button", name="Run").click()
             page.get_by_text("KV cache speedup").wait_for(timeout=120_000)
-            page.wait_for_timeout(500)
+            page.locator("canvas, svg.marks").first.wait_for(timeout=30_000)  # the chart of the two times
+            page.wait_for_timeout(1000)
             body = page.inner_text("body")
             assert "Trained, no KV cache" in body and "Trained + KV cache" in body
             assert body.count("tokens/s") >= 2
