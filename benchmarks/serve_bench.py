@@ -4,8 +4,8 @@
 
 Starts `slm serve` twice on free ports of 127.0.0.1: once with continuous batching (SLM_MAX_BATCH = the
 largest client count) and once with SLM_MAX_BATCH=1, which serves requests one at a time like the original
-server. Each client sends one greedy request for --tokens new tokens (a request that reaches end-of-text
-stops early; the tables count the tokens actually generated).
+server. Each client sends one greedy request for exactly --tokens new tokens (`ignore_eos`, so no request
+stops early at end-of-text; the tables still count the tokens actually generated).
 Figures: aggregate generated tokens/s, p50/p99 latency, p50 time to first token.
 """
 
@@ -49,7 +49,7 @@ def start_server(model: str, max_batch: int, threads: int) -> tuple[subprocess.P
 
 
 async def one_client(client: httpx.AsyncClient, url: str, prompt: str, tokens: int) -> dict:
-    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True}
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True}
     start = time.perf_counter()
     first = None
     n = 0

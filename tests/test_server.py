@@ -55,7 +55,7 @@ def server(model, **env):
 
 @pytest.fixture(scope="module")
 def api(trained):
-    with server(trained) as url:
+    with server(trained, max_new_tokens=100_000) as url:  # room for generations only a disconnect ends
         yield url
 
 
@@ -184,24 +184,47 @@ def test_sixteen_concurrent_requests_each_get_what_they_get_alone(api):
     assert [r.json()["result"] for r in responses] == alone
 
 
-def test_disconnect_cancels_generation(api):
-    def cancelled() -> float:
-        for line in httpx.get(f"{api}/metrics").text.splitlines():
-            if line.startswith('slm_finished_total{reason="cancelled"}'):
-                return float(line.split()[-1])
-        return 0.0
+def finished_total(url: str, reason: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f'slm_finished_total{{reason="{reason}"}}'):
+            return float(line.split()[-1])
+    return 0.0
 
-    before = cancelled()
-    body = {"prompt": "Once", "max_tokens": 1000, "temperature": 1.0, "stream": True}
+
+def wait_for_cancel(url: str, before: float) -> float:
+    for _ in range(100):  # bounded: 10 s
+        if finished_total(url, "cancelled") > before:
+            break
+        time.sleep(0.1)
+    return finished_total(url, "cancelled")
+
+
+def test_disconnect_cancels_streamed_generation(api):
+    before = finished_total(api, "cancelled")
+    # ignore_eos: only the length limit (minutes away) or the disconnect can end this generation
+    body = {"prompt": "Once", "max_tokens": 100_000, "temperature": 1.0, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{api}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
         for i, _ in enumerate(r.iter_lines()):
             if i > 6:
                 break  # leave after a few tokens: closing the connection must stop the generation
-    for _ in range(50):
-        if cancelled() > before:
-            break
-        time.sleep(0.1)
-    assert cancelled() == before + 1
+    assert wait_for_cancel(api, before) == before + 1
+    assert httpx.get(f"{api}/health").json()["queue_depth"] == 0
+
+
+def test_disconnect_cancels_waiting_predict(api):
+    before = finished_total(api, "cancelled")
+    # Greedy on the random model never emits end-of-text here (see the timeout test); the client gives up first.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{api}/predict", json={"input_text": "Once", "max_new_tokens": 100_000,
+                                           "model_type": "untrained", "temperature": 0}, timeout=1.0)
+    assert wait_for_cancel(api, before) == before + 1
+
+
+def test_ignore_eos_generates_exactly_max_tokens(api):
+    body = {"prompt": "Once upon a time", "max_tokens": 200, "temperature": 1.0, "seed": 3, "ignore_eos": True}
+    out = post(api, "/v1/completions", body).json()
+    assert out["usage"]["completion_tokens"] == 200 and out["choices"][0]["finish_reason"] == "length"
 
 
 def test_full_queue_answers_429(trained):
@@ -211,9 +234,12 @@ def test_full_queue_answers_429(trained):
                 return await asyncio.gather(*[client.post(f"{url}/predict", json={
                     "input_text": "Once", "max_new_tokens": 300, "model_type": "basic"}) for _ in range(10)])
 
-        codes = sorted(r.status_code for r in asyncio.run(flood()))
-        assert 429 in codes and 200 in codes
-        assert codes.count(200) >= 3  # one running + two queued always get through
+        responses = asyncio.run(flood())
+        codes = sorted(r.status_code for r in responses)
+        # The two queued requests always get through; a third may too if the worker admitted the first
+        # before the rest arrived (a race on how fast the requests come in, not a bug).
+        assert codes.count(200) >= 2 and 429 in codes, codes
+        assert all("queue is full" in r.json()["detail"] for r in responses if r.status_code == 429)
         assert httpx.get(f"{url}/health").status_code == 200
 
 
@@ -225,8 +251,9 @@ def test_request_timeout_gives_504(trained):
         assert r.status_code == 504 and "timeout" in r.json()["detail"]
 
 
-def test_bearer_token_auth(trained):
-    with server(trained, api_key="sekrit") as url:
+def test_bearer_token_auth_and_cors(trained):
+    origin = "http://localhost:8501"
+    with server(trained, api_key="sekrit", cors_origins=origin) as url:
         assert httpx.get(f"{url}/health").status_code == 200
         r = post(url, "/predict", {"input_text": "hi", "max_new_tokens": 3})
         assert r.status_code == 401 and "API key" in r.json()["detail"]
@@ -235,6 +262,13 @@ def test_bearer_token_auth(trained):
         r = post(url, "/predict", {"input_text": "hi", "max_new_tokens": 3},
                  headers={"Authorization": "Bearer sekrit"})
         assert r.status_code == 200
+        # A browser's preflight carries no credentials: CORS answers it before the key is checked.
+        r = httpx.options(f"{url}/predict", headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                                                     "Access-Control-Request-Headers": "authorization"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        r = httpx.options(f"{url}/predict", headers={"Origin": "http://evil.example",
+                                                     "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in r.headers
 
 
 def test_serve_refuses_a_missing_model():

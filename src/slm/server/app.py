@@ -23,6 +23,7 @@ from slm.generation import GenerationError, SamplingParams
 from slm.model import GPT
 from slm.server.engine import QueueFull, ServingEngine
 from slm.server.engine import Request as GenRequest
+from slm.server.guard import Guard
 from slm.server.schemas import CompletionRequest, PredictRequest, PredictResponse
 from slm.server.settings import Settings
 
@@ -82,33 +83,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="slm", version=slm.__version__, lifespan=lifespan,
                   description="A small GPT-2-style language model: generation with and without a KV cache.")
 
+    # Added first, so it runs inside CORS: a browser's preflight needs no API key.
+    app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+                       count=lambda path, status: metrics.requests.labels(path, str(status)).inc())
+
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",")],
                            allow_methods=["GET", "POST"], allow_headers=["*"])
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """Body size limit and bearer-token auth, before anything reads the body."""
-        path = request.url.path
-        open_paths = ("/health", "/", "/docs", "/openapi.json", "/metrics")
-        if (settings.api_key and path not in open_paths
-                and request.headers.get("authorization", "") != f"Bearer {settings.api_key}"):
-            metrics.requests.labels(path, "401").inc()
-            return JSONResponse({"detail": "missing or wrong API key: send 'Authorization: Bearer <key>'"},
-                                status_code=401)
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            metrics.requests.labels(path, "413").inc()
-            return JSONResponse({"detail": f"request body over {settings.max_body_bytes} bytes"}, status_code=413)
-        try:
-            response = await call_next(request)
-        except Exception:  # never leak a traceback to the client
-            log.exception("unhandled error on %s", path)
-            response = JSONResponse({"detail": "internal server error"}, status_code=500)
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -126,10 +109,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(503, "the model is not loaded or the engine is not running")
         return state["engine"]
 
-    def params_for(max_new: int, temperature: float, top_k, top_p, seed, stop=()) -> SamplingParams:
+    def params_for(max_new: int, temperature: float, top_k, top_p, seed, stop=(), ignore_eos=False) -> SamplingParams:
         if max_new > settings.max_new_tokens:
             raise HTTPException(422, f"max_new_tokens/max_tokens: at most {settings.max_new_tokens}, got {max_new}")
-        return SamplingParams(max_new, temperature, top_k or None, top_p, seed, tuple(stop or ()))
+        return SamplingParams(max_new, temperature, top_k or None, top_p, seed, tuple(stop or ()),
+                              stop_at_eot=not ignore_eos)
 
     def encode_prompt(text: str, field: str) -> list[int]:
         if len(text) > settings.max_prompt_chars:
@@ -150,14 +134,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     async def events(req: GenRequest, http: Request) -> AsyncIterator[tuple[str, object]]:
         """The request's events until it is done; a client that goes away cancels the generation."""
+        checked = time.monotonic()
         try:
             while True:
                 try:
                     kind, payload = await asyncio.wait_for(req.events.get(), timeout=0.5)
                 except TimeoutError:
+                    kind, payload = None, None
+                # Look for a gone client every half second, also while text keeps coming: a non-streamed
+                # request otherwise only notices at the end of a generation nobody will read.
+                if time.monotonic() - checked >= 0.5:
+                    checked = time.monotonic()
                     if await http.is_disconnected():
                         engine().cancel(req)
                         return
+                if kind is None:
                     continue
                 yield kind, payload
                 if kind in ("done", "error"):
@@ -215,7 +206,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request):
-        params = params_for(body.max_tokens, body.temperature, body.top_k, body.top_p, body.seed, body.stop)
+        params = params_for(body.max_tokens, body.temperature, body.top_k, body.top_p, body.seed, body.stop,
+                            body.ignore_eos)
         ids = encode_prompt(body.prompt, "prompt")
         started = time.perf_counter()
         req = await submit("cached", ids, params)

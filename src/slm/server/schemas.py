@@ -48,6 +48,7 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
+    ignore_eos: bool = False  # vLLM's extension: generate past <|endoftext|> (fixed-length benchmarks)
 
     @field_validator("prompt")
     @classmethod
