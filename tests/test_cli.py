@@ -83,9 +83,13 @@ def test_prepare_train_eval_export_end_to_end(corpus, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "train:" in r.stdout and (data / "train.bin").is_file()
     r = run_slm("train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "30",
-                "--eval-interval", "15", "--quiet")
+                "--eval-interval", "15", "--log-interval", "10")
     assert r.returncode == 0, r.stderr
     assert "done: 30 steps" in r.stdout
+    # Not a terminal: plain log lines, no progress-bar redraws.
+    assert [line.split(" |")[0] for line in r.stdout.splitlines() if line.startswith("step ") and "|" in line] == [
+        "step 10/30", "step 20/30", "step 30/30"]
+    assert "step 15: val loss" in r.stdout and "bits/byte" in r.stdout and "\r" not in r.stderr
     text = tmp_path / "held_out.txt"
     text.write_text("Once upon a time there was a little owl named Sue. Sue lived near the hill.")
     r = run_slm("eval", "--model", str(run / "best"), str(text), "--json")

@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         p.add_argument(flag, type=typ, default=None, help=what)
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar or log lines (metrics.jsonl still records every figure)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="continue a prompt",

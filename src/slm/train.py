@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -148,6 +149,12 @@ def peak_flops(device: torch.device) -> float | None:
 def flops_per_token(config: ModelConfig, n_params: int) -> float:
     """Training FLOPs per token (PaLM appendix B, as in nanoGPT): 6N plus the attention term."""
     return 6 * n_params + 12 * config.n_layer * config.d_model * config.context_length
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 def hardware(device: torch.device, world: int) -> str:
@@ -387,6 +394,9 @@ def _train(data_dir, out: Path, cfg: TrainConfig, model_overrides: dict, resume:
                   "elapsed": round(elapsed_before + time.time() - started, 1)}
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if progress:
+            better = " (best so far)" if val_loss < best["val_loss"] else ""
+            tqdm.write(f"step {step}: val loss {val_loss:.4f}, {bpb:.3f} bits/byte{better}")
         if val_loss < best["val_loss"]:
             best.update(val_loss=val_loss, val_bpb=bpb, step=step)
             tmp = out / "best.new"
@@ -398,8 +408,10 @@ def _train(data_dir, out: Path, cfg: TrainConfig, model_overrides: dict, resume:
         return val_loss
 
     started = time.time()
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (master and progress), unit="step",
-               dynamic_ncols=True)
+    # A progress bar on a terminal; in a log file (nohup, CI) its redraws are noise, so plain lines instead.
+    show_bar = master and progress and sys.stderr.isatty()
+    log_lines = master and progress and not show_bar
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not show_bar, unit="step", dynamic_ncols=True)
     model.train()
     window_loss, window_steps, window_start = 0.0, 0, time.time()
     last_val: float | None = None
@@ -448,6 +460,9 @@ def _train(data_dir, out: Path, cfg: TrainConfig, model_overrides: dict, resume:
                     with open(metrics_path, "a", encoding="utf-8") as f:
                         f.write(json.dumps(record) + "\n")
                     bar.set_postfix(post)
+                    if log_lines:
+                        print(f"step {step}/{cfg.max_steps} | " + " | ".join(f"{k} {v}" for k, v in post.items())
+                              + f" | {format_duration(record['elapsed'])}", flush=True)
                 window_loss, window_steps, window_start = 0.0, 0, time.time()
             over_time = cfg.max_minutes > 0 and (time.time() - started) / 60 >= cfg.max_minutes
             flags = torch.tensor([stop["signal"] is not None or over_time], dtype=torch.float32, device=device)
