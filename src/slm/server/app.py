@@ -123,9 +123,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(422, f"{field}: the prompt encodes to no tokens")
         return ids
 
-    async def submit(variant: str, ids: list[int], params: SamplingParams) -> GenRequest:
+    async def submit(variant: str, ids: list[int], params: SamplingParams, stream: bool = False) -> GenRequest:
         req = GenRequest(variant, ids, params, asyncio.get_running_loop(),
-                         deadline=time.perf_counter() + settings.request_timeout)
+                         deadline=time.perf_counter() + settings.request_timeout, wants_text=stream)
         try:
             engine().submit(req)
         except QueueFull as e:
@@ -137,19 +137,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         checked = time.monotonic()
         try:
             while True:
-                try:
-                    kind, payload = await asyncio.wait_for(req.events.get(), timeout=0.5)
-                except TimeoutError:
-                    kind, payload = None, None
-                # Look for a gone client every half second, also while text keeps coming: a non-streamed
-                # request otherwise only notices at the end of a generation nobody will read.
+                event = await req.next_event(timeout=0.5)
+                # Look for a gone client every half second, also while text keeps coming, so that a
+                # generation nobody will read stops within a second, streamed or not.
                 if time.monotonic() - checked >= 0.5:
                     checked = time.monotonic()
                     if await http.is_disconnected():
                         engine().cancel(req)
                         return
-                if kind is None:
+                if event is None:
                     continue
+                kind, payload = event
                 yield kind, payload
                 if kind in ("done", "error"):
                     return
@@ -210,7 +208,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             body.ignore_eos)
         ids = encode_prompt(body.prompt, "prompt")
         started = time.perf_counter()
-        req = await submit("cached", ids, params)
+        req = await submit("cached", ids, params, stream=body.stream)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(text: str, finish: str | None) -> dict:

@@ -37,9 +37,47 @@ class Request:
     seq: SequenceState | None = None
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
+    wants_text: bool = True  # False: only the final "done" (a non-streamed response)
+    _held: tuple[str, object] | None = field(default=None, init=False, repr=False)  # read ahead by next_event
 
     def emit(self, kind: str, payload: object) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+
+    async def next_event(self, timeout: float) -> tuple[str, object] | None:
+        """The next event, or None after ``timeout`` seconds without one. Text pieces that queued up while
+        the reader was busy come joined as one: a slow client costs one send per turn, not one per token."""
+        if self._held is not None:
+            event, self._held = self._held, None
+            return event
+        if self.events.empty():
+            try:
+                kind, payload = await asyncio.wait_for(self.events.get(), timeout)
+            except TimeoutError:
+                return None
+        else:
+            kind, payload = self.events.get_nowait()
+        while kind == "text" and not self.events.empty():
+            following = self.events.get_nowait()
+            if following[0] != "text":
+                self._held = following
+                break
+            payload += following[1]
+        return kind, payload
+
+
+def deliver(events: list[tuple[Request, str, object]]) -> None:
+    """Hand a decode step's events to their requests: one wake-up of each event loop per step, not one per
+    request, which matters when the event loop and the model share a few cores."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Request, str, object]]] = {}
+    for event in events:
+        by_loop.setdefault(event[0].loop, []).append(event)
+    for loop, batch in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[Request, str, object]]) -> None:
+    for req, kind, payload in batch:
+        req.events.put_nowait((kind, payload))
 
 
 class ServingEngine:
@@ -148,17 +186,19 @@ class ServingEngine:
     def _step(self, name: str, engine: Engine) -> None:
         if self.metrics:
             self.metrics.batch(name, len(engine.active))
+        events: list[tuple[Request, str, object]] = []
         for seq, _token in engine.step():
             req = self._running.get(id(seq))
             if req is None:
                 continue
             piece = seq.take_text()
-            if piece:
-                req.emit("text", piece)
+            if piece and req.wants_text:
+                events.append((req, "text", piece))
             if seq.finished:
                 del self._running[id(seq)]
                 if self.metrics:
                     self.metrics.finished(seq.finish_reason)
-                req.emit("done", seq)
+                events.append((req, "done", seq))
+        deliver(events)
         if self.metrics:
             self.metrics.queue(len(self._waiting))
