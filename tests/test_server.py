@@ -227,21 +227,6 @@ def test_ignore_eos_generates_exactly_max_tokens(api):
     assert out["usage"]["completion_tokens"] == 200 and out["choices"][0]["finish_reason"] == "length"
 
 
-def test_text_pieces_that_queue_up_are_read_as_one():
-    from slm.generation import SamplingParams
-    from slm.server.engine import Request
-
-    async def read_all() -> list:
-        req = Request("cached", [1], SamplingParams(), asyncio.get_running_loop())
-        for event in [("text", "Once"), ("text", " upon"), ("done", None)]:
-            req.events.put_nowait(event)
-        first, second = await req.next_event(timeout=1), await req.next_event(timeout=1)
-        req.events.put_nowait(("text", " a"))
-        return [first, second, await req.next_event(timeout=1), await req.next_event(timeout=0.05)]
-
-    assert asyncio.run(read_all()) == [("text", "Once upon"), ("done", None), ("text", " a"), None]
-
-
 def test_full_queue_answers_429(trained):
     with server(trained, max_batch=1, max_queue=2) as url:
         async def flood():

@@ -137,7 +137,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         checked = time.monotonic()
         try:
             while True:
-                event = await req.next_event(timeout=0.5)
+                try:
+                    event = await asyncio.wait_for(req.events.get(), timeout=0.5)
+                except TimeoutError:
+                    event = None
                 # Look for a gone client every half second, also while text keeps coming, so that a
                 # generation nobody will read stops within a second, streamed or not.
                 if time.monotonic() - checked >= 0.5:

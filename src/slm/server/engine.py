@@ -38,31 +38,9 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
     wants_text: bool = True  # False: only the final "done" (a non-streamed response)
-    _held: tuple[str, object] | None = field(default=None, init=False, repr=False)  # read ahead by next_event
 
     def emit(self, kind: str, payload: object) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
-
-    async def next_event(self, timeout: float) -> tuple[str, object] | None:
-        """The next event, or None after ``timeout`` seconds without one. Text pieces that queued up while
-        the reader was busy come joined as one: a slow client costs one send per turn, not one per token."""
-        if self._held is not None:
-            event, self._held = self._held, None
-            return event
-        if self.events.empty():
-            try:
-                kind, payload = await asyncio.wait_for(self.events.get(), timeout)
-            except TimeoutError:
-                return None
-        else:
-            kind, payload = self.events.get_nowait()
-        while kind == "text" and not self.events.empty():
-            following = self.events.get_nowait()
-            if following[0] != "text":
-                self._held = following
-                break
-            payload += following[1]
-        return kind, payload
 
 
 def deliver(events: list[tuple[Request, str, object]]) -> None:
