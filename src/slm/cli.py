@@ -46,6 +46,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_FLAGS = {
+    "arch": (str, "gpt2 | llama"), "n_layer": (int, "transformer blocks"), "n_head": (int, "attention heads"),
+    "n_kv_head": (int, "llama: key/value heads (grouped-query attention)"), "d_model": (int, "model width"),
+    "mlp_hidden": (int, "llama: SwiGLU hidden size"), "context_length": (int, "tokens of context"),
+    "rope_theta": (float, "llama: rotary base"), "dropout": (float, "dropout"),
+}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -59,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = v
-    for key in ("dropout", "context_length"):
+    for key in MODEL_FLAGS:
         if getattr(args, key) is not None:
             model_overrides[key] = getattr(args, key)
     cfg = TrainConfig(**values)
@@ -147,7 +155,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model, tokenizer = _load_model(args.model)
     export_hf(model, args.out, tokenizer)
-    print(f"wrote a GPT2LMHeadModel directory to {args.out}")
+    kind = "LlamaForCausalLM" if model.config.arch == "llama" else "GPT2LMHeadModel"
+    print(f"wrote a {kind} directory to {args.out}")
     return 0
 
 
@@ -212,9 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("--log-interval", int, "steps between log lines"), ("--seed", int, "random seed"),
         ("--device", str, "auto | cpu | cuda | mps"), ("--dtype", str, "auto | fp32 | bf16 (autocast)"),
         ("--threads", int, "torch CPU threads"), ("--max-minutes", float, "stop and save after this wall time"),
-        ("--dropout", float, "override the preset's dropout"), ("--context-length", int, "override the context"),
+        ("--optimizer", str, "adamw | muon (Muon for the blocks' matrices, AdamW for the rest)"),
+        ("--muon-lr", float, "Muon's peak learning rate (default 0.02)"),
+        ("--muon-momentum", float, "Muon's momentum (default 0.95)"),
     ]:
         p.add_argument(flag, type=typ, default=None, help=what)
+    shape = p.add_argument_group("model shape (overrides the preset; recorded in the run's config.json)")
+    for key, (typ, what) in MODEL_FLAGS.items():
+        shape.add_argument("--" + key.replace("_", "-"), type=typ, default=None, help=what)
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar or log lines (metrics.jsonl still records every figure)")
@@ -269,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-url", default=None, help="API base URL (env SLM_API_URL, default http://127.0.0.1:8000)")
     p.set_defaults(func=cmd_ui)
 
-    p = sub.add_parser("export-hf", help="write a Hugging Face GPT2LMHeadModel directory")
+    p = sub.add_parser("export-hf", help="write a Hugging Face directory (GPT2LMHeadModel or LlamaForCausalLM)")
     _model_arg(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)

@@ -10,9 +10,17 @@ class ConfigError(ValueError):
     """A configuration the user gave cannot be used."""
 
 
+ARCHS = ("gpt2", "llama")
+
+
 @dataclass
 class ModelConfig:
-    """Shape of a GPT-2-style decoder. Everything the model needs, nothing about data or files."""
+    """Shape of a decoder-only transformer. Everything the model needs, nothing about data or files.
+
+    ``arch`` picks the family: "gpt2" (learned positions, LayerNorm, GELU MLP, biases) or "llama" (rotary
+    positions, RMSNorm, SwiGLU MLP, no biases, optional grouped-query attention). ``n_kv_head``,
+    ``rope_theta`` and ``mlp_hidden`` only apply to llama; 0 means "derive it" (see the properties below).
+    """
 
     vocab_size: int = 8192
     context_length: int = 512
@@ -21,8 +29,14 @@ class ModelConfig:
     d_model: int = 384
     dropout: float = 0.0
     layer_norm_eps: float = 1e-5
+    arch: str = "gpt2"
+    n_kv_head: int = 0  # llama: key/value heads (grouped-query attention); 0 = n_head
+    rope_theta: float = 10000.0  # llama: base of the rotary frequencies
+    mlp_hidden: int = 0  # llama: SwiGLU hidden size; 0 = the size that matches a GPT-2 block's parameters
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"model config: arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "d_model"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"model config: {name} must be a positive integer, got {getattr(self, name)}")
@@ -30,10 +44,36 @@ class ModelConfig:
             raise ConfigError(f"model config: d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+        if self.n_kv_head < 0 or self.mlp_hidden < 0:
+            raise ConfigError("model config: n_kv_head and mlp_hidden must be >= 0 (0 = derived)")
+        if self.n_head % self.kv_heads:
+            raise ConfigError(f"model config: n_head ({self.n_head}) must be a multiple of n_kv_head "
+                              f"({self.n_kv_head})")
+        if self.arch == "gpt2" and (self.kv_heads != self.n_head or self.mlp_hidden):
+            raise ConfigError("model config: n_kv_head and mlp_hidden are llama settings (arch = 'llama')")
+        if self.arch == "llama" and (self.head_dim % 2 or self.rope_theta <= 0):
+            raise ConfigError("model config: rotary positions need an even head_dim and rope_theta > 0")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden(self) -> int:
+        """Width of the MLP: 4 d_model for GPT-2; for SwiGLU, a multiple of 32 that gives a llama block
+        (with its grouped-query attention) the parameter count of a GPT-2 block of the same width."""
+        d = self.d_model
+        if self.arch == "gpt2":
+            return 4 * d
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        gpt2_block = 12 * d * d + 13 * d
+        attn_and_norms = 2 * d * d + 2 * d * self.kv_heads * self.head_dim + 2 * d
+        return max(32, round((gpt2_block - attn_and_norms) / (3 * d) / 32) * 32)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -49,6 +89,9 @@ class ModelConfig:
     def num_parameters(self) -> int:
         """Parameter count of this shape (tied embeddings counted once)."""
         d, v, t, n = self.d_model, self.vocab_size, self.context_length, self.n_layer
+        if self.arch == "llama":  # q, k, v, o; gate, up, down; 2 RMSNorm gains; no biases, no positions
+            per_block = 2 * d * d + 2 * d * self.kv_heads * self.head_dim + 3 * d * self.hidden + 2 * d
+            return v * d + n * per_block + d
         per_block = 12 * d * d + 13 * d  # qkv + proj + 2 MLP matrices, their biases, 2 LayerNorms
         return v * d + t * d + n * per_block + 2 * d
 
@@ -80,6 +123,12 @@ PRESETS: dict[str, Preset] = {
             "efficiently on a CPU, heads of 64 suit scaled_dot_product_attention, and 7 layers bring the total "
             "to 15.8M. A CPU budget shows the model far less than one epoch of the corpus, so dropout is 0."
         ),
+    ),
+    "llama-16m": Preset(
+        ModelConfig(vocab_size=8192, context_length=512, n_layer=7, n_head=6, d_model=384, arch="llama"),
+        tokenizer="trained",
+        description="slm-16m's shape in the llama family: rotary positions, RMSNorm, SwiGLU (hidden 1024), no biases",
+        why="The same width, depth and heads as slm-16m, with a SwiGLU width that keeps each block's parameters.",
     ),
     "tiny": Preset(
         ModelConfig(vocab_size=512, context_length=64, n_layer=3, n_head=3, d_model=96, dropout=0.0),

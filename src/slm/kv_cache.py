@@ -8,7 +8,7 @@ import torch
 class KVCache:
     """Keys and values of every layer for a batch of sequences.
 
-    Storage is ``[n_layer, batch, n_head, max_len, head_dim]`` for keys and for values. Row ``b`` holds the
+    Storage is ``[n_layer, batch, kv_heads, max_len, head_dim]`` for keys and for values. Row ``b`` holds the
     keys of its tokens at slots ``0 .. lengths[b] - 1``, and slot ``i`` is position ``i``; rows advance
     independently, so sequences of different lengths share one batch without padding on the left.
     A decode step writes one slot per row and never concatenates or reallocates.
@@ -37,7 +37,7 @@ class KVCache:
         return cls(
             cfg.n_layer,
             batch_size,
-            cfg.n_head,
+            cfg.kv_heads,  # grouped-query attention caches only the key/value heads
             max_len or cfg.context_length,
             cfg.head_dim,
             dtype=param.dtype,

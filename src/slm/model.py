@@ -1,7 +1,13 @@
-"""The GPT-2 architecture: learned positions, pre-LayerNorm blocks, GELU(tanh) MLP, tied embeddings.
+"""Two decoder-only families in one model: GPT-2 and llama. Pre-norm blocks and tied embeddings in both.
 
-Layer names follow Hugging Face's GPT2LMHeadModel (``c_attn``, ``c_proj``, ``c_fc``, ``ln_1`` ...) so that
-weights convert one-to-one; our linear layers store ``[out, in]`` where theirs (Conv1D) store ``[in, out]``.
+- gpt2: learned positions, LayerNorm, GELU(tanh) MLP, biases.
+- llama: rotary positions (applied to queries and keys), RMSNorm, SwiGLU MLP, no biases, and grouped-query
+  attention (``n_kv_head`` key/value heads shared by ``n_head`` query heads, which shrinks the KV cache).
+
+Both share the attention and KV-cache path; what differs are the small pieces chosen in ``Block`` and ``GPT``.
+Layer names follow Hugging Face's GPT2LMHeadModel (``c_attn``, ``c_proj``, ``c_fc``, ``ln_1`` ...); llama
+keeps the same names with fused matrices (q|k|v in ``c_attn``, gate|up in ``c_fc``), split on export
+(slm/export.py). Our linear layers store ``[out, in]``.
 """
 
 from __future__ import annotations
@@ -16,43 +22,65 @@ from slm.config import ModelConfig
 from slm.kv_cache import KVCache
 
 
+def rotary_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[context, head_dim]`` for every position, in Hugging Face's half-split layout."""
+    half = config.head_dim // 2
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(half, dtype=torch.float32) / half)
+    angles = torch.outer(torch.arange(config.context_length, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, H, T, D]`` by its positions' angles (``cos``/``sin`` broadcast as ``[B|1, 1, T, D]``)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.d_model, 3 * config.d_model)
-        self.c_proj = nn.Linear(config.d_model, config.d_model)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        bias = config.arch == "gpt2"
+        self.c_attn = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
+        self.c_proj = nn.Linear(config.d_model, config.d_model, bias=bias)
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, cache: KVCache | None, start: int | None,
-                decode_mask: torch.Tensor | None) -> torch.Tensor:
+                decode_mask: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         b, t, c = x.shape
-        q, k, v = self.c_attn(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = self.c_attn(x).view(b, t, -1, self.head_dim).transpose(1, 2).split(
+            [self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         dropout = self.dropout if self.training else 0.0
+        gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, **gqa)
         else:
             k, v = cache.write(self.layer, k, v, start)
             if start is None:  # rows at different positions, one new token each
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=decode_mask)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=decode_mask, **gqa)
             elif t == 1:  # one new token attends to everything before it
-                y = F.scaled_dot_product_attention(q, k, v)
+                y = F.scaled_dot_product_attention(q, k, v, **gqa)
             elif start == 0:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
             else:  # a chunk after a cached prefix: causal mask shifted by `start`
                 rows = torch.arange(t, device=x.device)[:, None] + start
                 mask = torch.arange(start + t, device=x.device)[None, :] <= rows
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
         y = self.c_proj(y.transpose(1, 2).reshape(b, t, c))
         return F.dropout(y, dropout, self.training) if dropout else y
 
 
 class MLP(nn.Module):
+    """GPT-2: GELU(tanh) between two matrices."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.d_model, 4 * config.d_model)
-        self.c_proj = nn.Linear(4 * config.d_model, config.d_model)
+        self.c_fc = nn.Linear(config.d_model, config.hidden)
+        self.c_proj = nn.Linear(config.hidden, config.d_model)
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,17 +88,38 @@ class MLP(nn.Module):
         return F.dropout(y, self.dropout, self.training) if self.dropout and self.training else y
 
 
+class SwiGLU(MLP):
+    """llama: silu(gate) * up, then down. Gate and up are one fused matrix ``c_fc`` (one matmul, not two)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        nn.Module.__init__(self)
+        self.c_fc = nn.Linear(config.d_model, 2 * config.hidden, bias=False)
+        self.c_proj = nn.Linear(config.hidden, config.d_model, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        y = self.c_proj(F.silu(gate) * up)
+        return F.dropout(y, self.dropout, self.training) if self.dropout and self.training else y
+
+
+def norm_layer(config: ModelConfig) -> nn.Module:
+    if config.arch == "llama":
+        return nn.RMSNorm(config.d_model, eps=config.layer_norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.ln_1 = norm_layer(config)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.mlp = MLP(config)
+        self.ln_2 = norm_layer(config)
+        self.mlp = SwiGLU(config) if config.arch == "llama" else MLP(config)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None, start: int | None,
-                decode_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, start, decode_mask)
+                decode_mask: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, start, decode_mask, rotary)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -79,9 +128,14 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.wpe = nn.Embedding(config.context_length, config.d_model)
+        if config.arch == "gpt2":
+            self.wpe = nn.Embedding(config.context_length, config.d_model)
+        else:  # rotary tables: derived from the config, so not saved with the weights
+            cos, sin = rotary_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.ln_f = norm_layer(config)
         self._head_cache: tuple[tuple, torch.Tensor] | None = None
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream keeps its variance.
@@ -93,7 +147,8 @@ class GPT(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
@@ -112,6 +167,12 @@ class GPT(nn.Module):
         if self._head_cache is None or self._head_cache[0] != key:
             self._head_cache = (key, w.detach().t().contiguous())
         return self._head_cache[1]
+
+    def embed(self, tokens: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """Token embeddings, plus learned positions (gpt2) or the rotary angles of ``pos [1|B, T]`` (llama)."""
+        if self.config.arch == "gpt2":
+            return self.wte(tokens) + self.wpe(pos), None
+        return self.wte(tokens), (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])
 
     def forward(
         self,
@@ -141,11 +202,11 @@ class GPT(nn.Module):
                 pos = torch.arange(start, end, device=tokens.device)[None, :]
             if end > self.config.context_length:
                 raise ValueError(f"position {end - 1} is past the context length {self.config.context_length}")
-        x = self.wte(tokens) + self.wpe(pos)
+        x, rotary = self.embed(tokens, pos)
         if self.training and self.config.dropout:
             x = F.dropout(x, self.config.dropout, True)
         for block in self.h:
-            x = block(x, cache, start, decode_mask)
+            x = block(x, cache, start, decode_mask, rotary)
         if cache is not None:
             cache.advance(t)
         if logits_at is not None:

@@ -26,6 +26,7 @@ from slm.config import ConfigError, ModelConfig, get_preset
 from slm.data import BatchSampler, eval_windows, load_meta, open_tokens
 from slm.files import atomic_write, atomic_write_json
 from slm.model import GPT
+from slm.optim import Optimizers, make_optimizers
 from slm.tokenizer import Tokenizer
 
 
@@ -46,6 +47,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
+    muon_lr: float = 0.02  # Muon's peak learning rate (lr above stays AdamW's)
+    muon_momentum: float = 0.95
     eval_interval: int = 100
     eval_windows: int = 64  # validation windows scored at each evaluation (the same ones every time)
     log_interval: int = 10
@@ -127,13 +131,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay only on the matrices of the blocks (not biases, norms or embeddings)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and not name.startswith(("wte", "wpe")) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optimizers:
+    """AdamW (weight decay only on the blocks' matrices), or Muon on those matrices + AdamW on the rest."""
+    return make_optimizers(model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.muon_lr,
+                           cfg.muon_momentum, device, cpu_has_bf16())
 
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
@@ -168,33 +169,41 @@ def hardware(device: torch.device, world: int) -> str:
 
 
 # ---- resume state (no pickle: tensors in safetensors, the rest in JSON) ----------------------------------
-def save_train_state(path: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    opt = optimizer.state_dict()
+def save_train_state(path: Path, optimizers: Optimizers, state: dict) -> None:
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    steps = {}
-    for idx, s in opt["state"].items():
-        for key, value in s.items():
-            if key == "step":
-                steps[str(idx)] = float(value)
-            else:
-                tensors[f"opt.{idx}.{key}"] = value.detach().cpu().contiguous()
+    saved = {}
+    for opt_name, optimizer in optimizers.named.items():
+        opt = optimizer.state_dict()
+        steps = {}
+        for idx, s in opt["state"].items():
+            for key, value in s.items():
+                if key == "step":
+                    steps[str(idx)] = float(value)
+                else:
+                    tensors[f"opt.{opt_name}.{idx}.{key}"] = value.detach().cpu().contiguous()
+        saved[opt_name] = {"steps": steps, "param_groups": opt["param_groups"]}
     atomic_write(path / "train_state.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write_json(path / "train_state.json", {**state, "opt_steps": steps, "param_groups": opt["param_groups"]})
+    atomic_write_json(path / "train_state.json", {**state, "optimizers": saved})
 
 
-def load_train_state(path: Path, optimizer: torch.optim.Optimizer, device: torch.device) -> dict:
+def load_train_state(path: Path, optimizers: Optimizers, device: torch.device) -> dict:
     state = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
+    saved = state.get("optimizers", {})
+    if sorted(saved) != sorted(optimizers.named):
+        raise TrainError(f"--resume: the run in {path.parent} used optimizer(s) {', '.join(saved) or 'unknown'}; "
+                         f"pass the same --optimizer")
     tensors = load_file(str(path / "train_state.safetensors"))
-    opt_state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = value.to(device)
-    for idx, step in state["opt_steps"].items():
-        opt_state.setdefault(int(idx), {})["step"] = torch.tensor(step)
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    for opt_name, optimizer in optimizers.named.items():
+        opt_state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith(f"opt.{opt_name}."):
+                idx, name = key[len(f"opt.{opt_name}.") :].split(".", 1)
+                opt_state.setdefault(int(idx), {})[name] = value.to(device)
+        for idx, step in saved[opt_name]["steps"].items():
+            opt_state.setdefault(int(idx), {})["step"] = torch.tensor(step)
+        optimizer.load_state_dict({"state": opt_state, "param_groups": saved[opt_name]["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -319,7 +328,7 @@ def _train(data_dir, out: Path, cfg: TrainConfig, model_overrides: dict, resume:
     if resume:
         if last is None:
             raise TrainError(f"--resume: no resumable run in {out} (no last/ with train_state.json)")
-        saved = checkpoint.read_config(last)["model"]
+        saved = ModelConfig.from_dict(checkpoint.read_config(last)["model"]).to_dict()
         if saved != config.to_dict():
             diff = {k: (saved.get(k), v) for k, v in config.to_dict().items() if saved.get(k) != v}
             raise TrainError(f"--resume: the run in {out} has a different model shape {diff} (saved, now); "
@@ -418,8 +427,7 @@ def _train(data_dir, out: Path, cfg: TrainConfig, model_overrides: dict, resume:
     try:
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            optimizer.set_lr_scale(lr / cfg.lr)
             offsets = sampler.draw(global_batch)
             step_loss = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
@@ -436,7 +444,7 @@ def _train(data_dir, out: Path, cfg: TrainConfig, model_overrides: dict, resume:
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             if world > 1:
                 dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
             step += 1
