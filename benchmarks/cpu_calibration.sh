@@ -20,7 +20,7 @@ OUT=${OUT:-runs/calib}
 MINUTES=${MINUTES:-20}
 
 COMMON=(--data "$DATA" --batch-size 8 --threads 2 --warmup-steps 40 --eval-windows 64 --log-interval 10
-        --max-minutes "$((MINUTES + 4))")
+        --max-minutes "$((MINUTES * 2))")
 ADAMW=(--optimizer adamw --lr 1.5e-3)
 MUON=(--optimizer muon --muon-lr 0.02 --lr 1.5e-3)
 

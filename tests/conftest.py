@@ -21,6 +21,7 @@ NAMES = ["Tom", "Lily", "Max", "Anna", "Ben", "Sue"]
 PLACES = ["woods", "garden", "river", "hill", "house", "field"]
 THINGS = ["a red ball", "a big cake", "a blue hat", "an old key", "a small boat", "a shiny stone"]
 FEELINGS = ["happy", "sad", "scared", "proud", "tired"]
+TINY_PRESETS = {"gpt2": "tiny", "llama": "tiny-llama"}  # one tiny shape per model family
 
 
 def make_story(rng: random.Random) -> str:
@@ -68,22 +69,38 @@ def prepared(corpus, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def trained(prepared, tmp_path_factory) -> Path:
-    """The tiny preset trained for a few hundred steps: a real checkpoint directory (best/)."""
+def train_tiny(prepared: Path, out: Path, preset: str, optimizer: str) -> Path:
     from slm.train import TrainConfig, train
 
-    out = tmp_path_factory.mktemp("run")
-    cfg = TrainConfig(preset="tiny", batch_size=16, max_steps=300, lr=3e-3, warmup_steps=20, eval_interval=100,
-                      eval_windows=16, log_interval=20, seed=0, device="cpu", dtype="fp32")
+    cfg = TrainConfig(preset=preset, batch_size=16, max_steps=300, lr=3e-3, warmup_steps=20, eval_interval=100,
+                      eval_windows=16, log_interval=20, seed=0, device="cpu", dtype="fp32", optimizer=optimizer)
     train(prepared, out, cfg, progress=False)
     return out / "best"
 
 
-@pytest.fixture()
-def tiny_model():
+@pytest.fixture(scope="session")
+def trained(prepared, tmp_path_factory) -> Path:
+    """The tiny preset (GPT-2) trained for a few hundred steps with AdamW: a real checkpoint directory (best/)."""
+    return train_tiny(prepared, tmp_path_factory.mktemp("run"), "tiny", "adamw")
+
+
+@pytest.fixture(scope="session")
+def trained_llama(prepared, tmp_path_factory) -> Path:
+    """The tiny-llama preset trained for a few hundred steps with Muon."""
+    return train_tiny(prepared, tmp_path_factory.mktemp("run-llama"), "tiny-llama", "muon")
+
+
+@pytest.fixture(params=list(TINY_PRESETS))
+def trained_any(request) -> Path:
+    """Each family's briefly trained checkpoint in turn."""
+    return request.getfixturevalue("trained" if request.param == "gpt2" else "trained_llama")
+
+
+@pytest.fixture(params=list(TINY_PRESETS))
+def tiny_model(request):
+    """A randomly initialised tiny model of each family (the test runs once per family)."""
     from slm.config import get_preset
     from slm.model import GPT
 
     torch.manual_seed(0)
-    return GPT(get_preset("tiny").config).eval()
+    return GPT(get_preset(TINY_PRESETS[request.param]).config).eval()

@@ -14,12 +14,13 @@ def test_info_lists_presets_with_parameter_counts():
     assert r.returncode == 0
     assert "slm-16m" in r.stdout and "15,764,352" in r.stdout and "seed-16m" in r.stdout and "tiny" in r.stdout
     assert "15,764,352" in run_slm("generate", "--help").stdout
+    assert "llama-16m" in r.stdout and "15,537,792" in r.stdout and "tiny-llama" in r.stdout
 
 
-def test_generate_json_with_and_without_cache(trained):
+def test_generate_json_with_and_without_cache(trained_any):
     outs = []
     for flag in ([], ["--no-kv-cache"]):
-        r = run_slm("generate", "--model", str(trained), "--prompt", "Once upon a time", "--temperature", "0",
+        r = run_slm("generate", "--model", str(trained_any), "--prompt", "Once upon a time", "--temperature", "0",
                     "--max-new-tokens", "30", "--json", *flag)
         assert r.returncode == 0, r.stderr
         outs.append(json.loads(r.stdout))
@@ -101,8 +102,9 @@ def test_prepare_train_eval_export_end_to_end(corpus, tmp_path):
     assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
 
 
-def test_bench_prints_a_table_and_writes_json_and_plot(tmp_path):
-    r = run_slm("bench", "--preset", "tiny", "--lengths", "8,32", "--repeats", "1", "--json",
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_bench_prints_a_table_and_writes_json_and_plot(tmp_path, preset):
+    r = run_slm("bench", "--preset", preset, "--lengths", "8,32", "--repeats", "1", "--json",
                 str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"))
     assert r.returncode == 0, r.stderr
     assert "kv_speedup_max" in r.stdout and "speedup_vs_hf" in r.stdout

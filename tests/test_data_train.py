@@ -98,7 +98,9 @@ def unigram_entropy(prepared: Path) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def test_training_learns_far_below_unigram_entropy(trained, prepared):
+def test_training_learns_far_below_unigram_entropy(trained_any, prepared):
+    """Both families learn: GPT-2 with AdamW (`trained`), llama with Muon (`trained_llama`)."""
+    trained = trained_any
     summary = json.loads((trained / "config.json").read_text())["training"]
     entropy = unigram_entropy(prepared)
     assert summary["best_val_loss"] < 0.5 * entropy, (summary["best_val_loss"], entropy)
@@ -123,13 +125,75 @@ def train_losses(run: Path) -> list[float]:
             if m["kind"] == "train"]
 
 
-def test_resume_reproduces_an_uninterrupted_run(prepared, tmp_path):
+@pytest.mark.parametrize("preset, optimizer", [("tiny", "adamw"), ("tiny-llama", "muon")])
+def test_resume_reproduces_an_uninterrupted_run(prepared, tmp_path, preset, optimizer):
     overrides = {"dropout": 0.1}  # dropout makes the RNG state part of what must be restored
-    train(prepared, tmp_path / "full", quick_cfg(), overrides, progress=False)
-    train(prepared, tmp_path / "split", quick_cfg(max_steps=20, max_minutes=1e-9), overrides, progress=False)
+    cfg = {"preset": preset, "optimizer": optimizer}
+    train(prepared, tmp_path / "full", quick_cfg(**cfg), overrides, progress=False)
+    train(prepared, tmp_path / "split", quick_cfg(max_steps=20, max_minutes=1e-9, **cfg), overrides, progress=False)
     assert len(train_losses(tmp_path / "split")) == 1  # stopped by the time limit after one step, saved
-    train(prepared, tmp_path / "split", quick_cfg(), overrides, resume=True, progress=False)
+    saved = json.loads((tmp_path / "split" / "last" / "config.json").read_text())["training"]["train_config"]
+    assert (saved["optimizer"], saved["muon_lr"], saved["lr"]) == (optimizer, 0.02, 2e-3)
+    train(prepared, tmp_path / "split", quick_cfg(**cfg), overrides, resume=True, progress=False)
     assert train_losses(tmp_path / "split") == train_losses(tmp_path / "full")
+    other = "adamw" if optimizer == "muon" else "muon"
+    with pytest.raises(TrainError, match=f"used optimizer\\(s\\) .*{optimizer}.*pass the same --optimizer"):
+        train(prepared, tmp_path / "split", quick_cfg(max_steps=30, preset=preset, optimizer=other), overrides,
+              resume=True, progress=False)
+
+
+def test_muon_groups_and_schedule():
+    """Muon takes the blocks' matrices; AdamW the embeddings, gains and biases; one schedule scales both."""
+    import torch
+
+    from slm.config import get_preset
+    from slm.model import GPT
+    from slm.optim import make_optimizers
+
+    model = GPT(get_preset("tiny").config)
+    opts = make_optimizers(model, "muon", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), muon_lr=0.02,
+                           muon_momentum=0.95, device=torch.device("cpu"), cpu_has_bf16=False)
+    muon_params = {id(p) for g in opts.named["muon"].param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in muon_params) == (name.startswith("h.") and p.dim() == 2), name
+    opts.set_lr_scale(0.5)
+    assert sorted(g["lr"] for g in opts.param_groups) == [5e-4, 0.01]
+    with pytest.raises(ValueError, match="--optimizer 'sgd'"):
+        make_optimizers(model, "sgd", 1e-3, 0.1, (0.9, 0.95), 0.02, 0.95, torch.device("cpu"), False)
+
+
+def test_muon_newton_schulz_runs_in_fp32_on_a_cpu_without_bf16():
+    import torch
+
+    from slm.optim import Muon, newton_schulz, ns_dtype_for
+
+    assert ns_dtype_for(torch.device("cpu"), cpu_has_bf16=False) == torch.float32
+    assert ns_dtype_for(torch.device("cpu"), cpu_has_bf16=True) == torch.bfloat16
+    assert ns_dtype_for(torch.device("cuda"), cpu_has_bf16=False) == torch.bfloat16
+    from slm.config import get_preset
+    from slm.model import GPT
+    from slm.train import cpu_has_bf16, make_optimizer
+
+    chosen = make_optimizer(GPT(get_preset("tiny").config), quick_cfg(optimizer="muon"), torch.device("cpu"))
+    assert chosen.named["muon"].ns_dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+
+    def one_step(optimizer_cls, **kw):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(48, 32))
+        w.grad = torch.randn(48, 32)
+        optimizer_cls([w], lr=0.02, momentum=0.95, weight_decay=0.0, **kw).step()
+        return w.detach().clone(), w.grad
+
+    stock, grad = one_step(torch.optim.Muon)  # torch's own, Newton-Schulz in bf16
+    ours_bf16, _ = one_step(Muon, ns_dtype=torch.bfloat16)
+    ours_fp32, _ = one_step(Muon, ns_dtype=torch.float32)
+    assert torch.equal(ours_bf16, stock)  # the same algorithm as torch.optim.Muon
+    assert not torch.equal(ours_fp32, stock)
+    torch.manual_seed(0)
+    start = torch.randn(48, 32)
+    update = newton_schulz(0.05 * grad + 0.95 * (0.05 * grad), 5, (3.4445, -4.7750, 2.0315), 1e-7, torch.float64)
+    expected = start - 0.02 * math.sqrt(48 / 32) * update.float()  # nesterov: g.lerp(buf, 0.95), buf = 0.05 g
+    assert (ours_fp32 - expected).abs().max() < 1e-5 < (stock - expected).abs().max()
 
 
 def test_sigterm_saves_and_resumes(prepared, tmp_path):

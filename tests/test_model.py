@@ -1,4 +1,5 @@
-"""The model: presets, shapes, initialisation, and exact parity with Hugging Face's GPT2LMHeadModel."""
+"""The model: presets, shapes, initialisation, and exact parity with transformers' GPT2LMHeadModel and
+LlamaForCausalLM."""
 
 from __future__ import annotations
 
@@ -61,11 +62,51 @@ def test_inference_head_follows_weight_updates(tiny_model):
     assert not torch.allclose(before, after)  # the cached transposed head copy was rebuilt
 
 
-@pytest.fixture()
-def random_hf_pair():
+def test_llama_block_shapes_and_grouped_query_cache():
+    from slm.kv_cache import KVCache
+
+    config = get_preset("tiny-llama").config
+    model = GPT(config)
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.endswith("bias") or n.startswith("wpe") for n in names)  # no biases, rotary positions
+    assert isinstance(model.ln_f, torch.nn.RMSNorm)
+    assert model.h[0].attn.c_attn.weight.shape == ((4 + 2 * 2) * 24, 96)  # q: 4 heads, k and v: 2 heads each
+    # llama-16m: SwiGLU hidden 1024 keeps a block within 1% of a GPT-2 block of the same width.
+    llama, gpt2 = get_preset("llama-16m").config, get_preset("slm-16m").config
+    assert llama.hidden == 1024 and llama.hidden % 32 == 0
+    per_block = [(c.num_parameters() - ModelConfig(**{**c.to_dict(), "n_layer": 1}).num_parameters())
+                 for c in (llama, gpt2)]
+    assert abs(per_block[0] / per_block[1] - 1) < 0.01, per_block
+    cache = KVCache.for_model(model, batch_size=2)
+    assert cache.k.shape == (3, 2, 2, 64, 24)  # the cache holds only the 2 key/value heads
+    with pytest.raises(ConfigError, match="llama settings"):
+        ModelConfig(n_kv_head=2)
+    with pytest.raises(ConfigError, match="multiple of n_kv_head"):
+        ModelConfig(arch="llama", n_head=6, n_kv_head=4)
+    with pytest.raises(ConfigError, match="arch must be one of"):
+        ModelConfig(arch="mamba")
+
+
+def test_rotary_positions_are_relative():
+    """Rotary attention scores depend only on the distance between positions."""
+    from slm.model import apply_rotary, rotary_tables
+
+    cos, sin = rotary_tables(get_preset("tiny-llama").config)
+    q, k = torch.randn(1, 1, 1, 24), torch.randn(1, 1, 1, 24)
+
+    def score(i, j):
+        return float((apply_rotary(q, cos[i], sin[i]) * apply_rotary(k, cos[j], sin[j])).sum())
+
+    assert score(7, 3) == pytest.approx(score(40, 36), abs=1e-5)
+    assert score(7, 3) != pytest.approx(score(7, 5), abs=1e-3)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def random_hf_pair(request):
     torch.manual_seed(1)
-    model = GPT(ModelConfig(vocab_size=1000, context_length=128, n_layer=3, n_head=4, d_model=64)).eval()
-    # Non-trivial LayerNorm and bias values, so a transposed or misnamed tensor cannot go unnoticed.
+    llama = {"arch": "llama", "n_kv_head": 2} if request.param == "llama" else {}
+    model = GPT(ModelConfig(vocab_size=1000, context_length=128, n_layer=3, n_head=4, d_model=64, **llama)).eval()
+    # Non-trivial norm gains and biases, so a transposed or misnamed tensor cannot go unnoticed.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "ln" in name or name.endswith("bias"):
@@ -93,10 +134,12 @@ def test_greedy_generation_matches_transformers(random_hf_pair):
 def test_export_import_round_trip(random_hf_pair, tmp_path):
     import transformers
 
-    model, _ = random_hf_pair
+    model, hf = random_hf_pair
     export_hf(model, tmp_path / "hf")
-    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
-    assert isinstance(loaded, transformers.GPT2LMHeadModel)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert type(loaded) is type(hf)  # GPT2LMHeadModel or LlamaForCausalLM
+    if model.config.arch == "gpt2":
+        assert loaded.config.n_ctx == model.config.context_length  # llama.cpp's converter reads n_ctx
     back, _ = import_hf(tmp_path / "hf")
     assert back.config == model.config
     for (name, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items(), strict=True):

@@ -53,9 +53,15 @@ def server(model, **env):
         assert "Traceback" not in out, out
 
 
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def served(request):
+    """The checkpoint the module's server runs: each family's briefly trained tiny model in turn."""
+    return request.getfixturevalue("trained" if request.param == "gpt2" else "trained_llama")
+
+
 @pytest.fixture(scope="module")
-def api(trained):
-    with server(trained, max_new_tokens=100_000) as url:  # room for generations only a disconnect ends
+def api(served):
+    with server(served, max_new_tokens=100_000) as url:  # room for generations only a disconnect ends
         yield url
 
 
@@ -77,13 +83,13 @@ def test_root_health_models_metrics(api):
     assert httpx.get(f"{api}/openapi.json").json()["paths"]["/predict"]
 
 
-def test_greedy_text_is_the_same_everywhere(api, trained):
+def test_greedy_text_is_the_same_everywhere(api, served):
     prompt = "Once upon a time there was"
     body = {"input_text": prompt, "temperature": 0, "max_new_tokens": 40}
     basic = post(api, "/predict", {**body, "model_type": "basic"}).json()
     cached = post(api, "/predict", {**body, "model_type": "cached"}).json()
     completion = post(api, "/v1/completions", {"prompt": prompt, "temperature": 0, "max_tokens": 40}).json()
-    cli = json.loads(run_slm("generate", "--model", str(trained), "--prompt", prompt, "--temperature", "0",
+    cli = json.loads(run_slm("generate", "--model", str(served), "--prompt", prompt, "--temperature", "0",
                              "--max-new-tokens", "40", "--json").stdout)
     assert basic["result"] == cached["result"] == completion["choices"][0]["text"] == cli["text"]
     assert basic["result"].strip()

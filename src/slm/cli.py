@@ -19,7 +19,7 @@ from slm.config import PRESETS
 def _presets_help() -> str:
     lines = ["presets (parameters):"]
     for name, p in PRESETS.items():
-        lines.append(f"  {name:<9} {p.config.num_parameters():>12,}  {p.description}")
+        lines.append(f"  {name:<10} {p.config.num_parameters():>11,}  {p.description}")
     return "\n".join(lines)
 
 

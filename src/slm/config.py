@@ -135,6 +135,11 @@ PRESETS: dict[str, Preset] = {
         tokenizer="trained",
         description="a few hundred thousand parameters, for tests and quick experiments",
     ),
+    "tiny-llama": Preset(
+        ModelConfig(vocab_size=512, context_length=64, n_layer=3, n_head=4, d_model=96, arch="llama", n_kv_head=2),
+        tokenizer="trained",
+        description="tiny in the llama family, 4 query heads sharing 2 key/value heads; for tests",
+    ),
 }
 
 DEFAULT_PRESET = "slm-16m"

@@ -113,8 +113,13 @@ def from_hf_llama(hf) -> GPT:
         raise ValueError("unsupported llama shape: head_dim must be hidden_size / num_attention_heads")
     config = ModelConfig(vocab_size=c.vocab_size, context_length=c.max_position_embeddings, n_layer=c.num_hidden_layers,
                          n_head=c.num_attention_heads, d_model=c.hidden_size, layer_norm_eps=c.rms_norm_eps,
-                         arch="llama", n_kv_head=c.num_key_value_heads, rope_theta=float(rope["rope_theta"]),
-                         mlp_hidden=c.intermediate_size, dropout=float(c.attention_dropout))
+                         arch="llama", rope_theta=float(rope["rope_theta"]), dropout=float(c.attention_dropout))
+    # Settings equal to what slm derives stay 0 ("derived"), so a round trip gives back the same config.
+    if c.num_key_value_heads != c.num_attention_heads:
+        config.n_kv_head = c.num_key_value_heads
+    if config.hidden != c.intermediate_size:
+        config.mlp_hidden = c.intermediate_size
+    config.__post_init__()
     model = GPT(config)
     hf_state = {k: v.detach().float() for k, v in hf.state_dict().items()}
     state = {"wte.weight": hf_state["model.embed_tokens.weight"], "ln_f.weight": hf_state["model.norm.weight"]}

@@ -1,0 +1,93 @@
+"""Table and plot for docs/training-on-cpu.md from the calibration runs (benchmarks/cpu_calibration.sh).
+
+    python benchmarks/cpu_calibration_report.py [--runs runs/calib] [--plot docs/training-on-cpu.png]
+
+Training is deterministic given its settings, so the validation figures do not depend on how busy the
+machine was; only the time axis does. "CPU minutes" are therefore *idle-machine* minutes: tokens seen
+divided by the run's undisturbed training speed (the 80th percentile of its logged tokens/s windows,
+optimizer step included, evaluation excluded). Wall minutes as measured are in the table too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def load_run(run: Path) -> dict:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    config = json.loads((run / "last" / "config.json").read_text())
+    speed = float(np.percentile([r["tokens_per_s"] for r in train], 80))
+    return {
+        "name": run.name,
+        "params": config["training"]["parameters"],
+        "shape": config["model"],
+        "optimizer": config["training"]["train_config"]["optimizer"],
+        "steps": config["training"]["steps"],
+        "tokens_per_s": speed,
+        "wall_min": evals[-1]["elapsed"] / 60,
+        "curve": [(e["tokens"] / speed / 60, e["val_bpb"]) for e in evals],
+        "final_bpb": evals[-1]["val_bpb"],
+        "tokens": evals[-1]["tokens"],
+    }
+
+
+def bpb_at(run: dict, minutes: float) -> float | None:
+    """Validation bits/byte at ``minutes`` idle CPU minutes (linear between evaluations), None if not reached."""
+    xs, ys = zip(*run["curve"], strict=True)
+    return float(np.interp(minutes, xs, ys)) if xs[0] <= minutes <= xs[-1] + 0.25 else None
+
+
+def table(runs: list[dict]) -> str:
+    lines = ["| variant | params | optimizer | steps | tokens | tokens/s (idle) | CPU min (idle) | wall min "
+             "| val bits/byte at 10 / 20 min | final val bits/byte |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        at = [bpb_at(r, m) for m in (10, 20)]
+        marks = " / ".join(f"{x:.3f}" if x is not None else "-" for x in at)
+        lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['optimizer']} | {r['steps']} | "
+                     f"{r['tokens'] / 1e6:.2f}M | {r['tokens_per_s']:,.0f} | {r['curve'][-1][0]:.1f} | "
+                     f"{r['wall_min']:.1f} | {marks} | **{r['final_bpb']:.3f}** |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    for r in runs:
+        xs, ys = zip(*r["curve"], strict=True)
+        ax.plot(xs, ys, "o-", ms=3, label=f"{r['name']} ({r['params'] / 1e6:.1f}M)")
+    ax.set_xlabel("CPU minutes (2 cores, idle-machine speed)")
+    ax.set_ylabel("validation bits/byte")
+    ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
+    ax.set_title("Training on this CPU: architecture, optimizer and size at equal CPU time", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="runs/calib")
+    parser.add_argument("--plot", default="docs/training-on-cpu.png")
+    parser.add_argument("--json", default="benchmarks/cpu-calibration.json")
+    args = parser.parse_args()
+    runs = [load_run(p) for p in sorted(Path(args.runs).iterdir()) if (p / "last" / "config.json").is_file()]
+    print(table(runs))
+    plot(runs, Path(args.plot))
+    Path(args.json).write_text(json.dumps(runs, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
