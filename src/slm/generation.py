@@ -1,6 +1,6 @@
 """Token generation: sampling, a batched decode engine with a static KV cache, generate() and stream().
 
-The context-window schedule (DESIGN.md): a sequence's *window* is what the model sees. While it is shorter
+The context-window schedule (docs/design.md): a sequence's *window* is what the model sees. While it is shorter
 than the context, each new token is appended; when it is full, it keeps its last ``context - shift`` tokens,
 and with the cache those are re-prefilled at positions ``0..``. The uncached path runs the model on the very
 same window every step, so greedy output is identical with and without the cache at every length.
