@@ -41,7 +41,17 @@ def resolve(name_or_path: str | Path) -> Path:
     path = Path(name)
     if not path.exists() and (models_dir() / name).is_dir():
         return models_dir() / name
-    return path
+    return run_checkpoint(path) or path
+
+
+def run_checkpoint(path: Path) -> Path | None:
+    """For a training run directory (``slm train --out``): its best/ checkpoint if there is one, else last/."""
+    if (path / "model.safetensors").is_file():
+        return None
+    for name in ("best", "last", "last.old"):
+        if (path / name / "model.safetensors").is_file():
+            return path / name
+    return None
 
 
 def save(

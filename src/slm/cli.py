@@ -37,10 +37,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     meta = prepare(args.inputs, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
                    val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
-                   hf_dataset=args.hf_dataset, progress=not args.quiet)
+                   hf_dataset=args.hf_dataset, progress=not args.quiet, split=args.split)
+    how = {"documents": f"whole documents ({meta['val_fraction']:.0%} of them, chosen by hash)",
+           "tail": f"the last {meta['val_fraction']:.0%} of each document (too few documents to hold whole ones out)",
+           "none": "none (--val-fraction 0): training will report no validation loss"}[meta["split"]]
+    print(f"validation split: {how}")
     for split in ("train", "val"):
         s = meta[split]
-        print(f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens, "
+        unit = "documents" if meta["split"] != "tail" else "document parts"
+        print(f"{split}: {s['documents']:,} {unit}, {s['tokens']:,} tokens, "
               f"{s['bytes_per_token']:.2f} bytes/token")
     print(f"wrote {args.out}/train.bin, val.bin, tokenizer.json, meta.json in {meta['seconds']} s")
     return 0
@@ -73,21 +78,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**values)
     result = train(args.data, args.out, cfg, model_overrides, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", 0)) == 0:
-        bpb = result["best_val_bpb"]
-        print(f"done: {result['steps']} steps, {result['tokens_seen']:,} tokens, {result['wall_time_s']} s; "
-              f"best val loss {result['best_val_loss'] or float('nan'):.4f}"
-              + (f", {bpb:.3f} bits/byte" if bpb else "") + f" -> {args.out}/best")
+        done = f"done: {result['steps']} steps, {result['tokens_seen']:,} tokens, {result['wall_time_s']} s; "
+        if result["best_val_loss"] is None:
+            print(done + f"no validation split, so no best/: the checkpoint is {args.out}/last")
+        else:
+            print(done + f"best val loss {result['best_val_loss']:.4f}, {result['best_val_bpb']:.3f} bits/byte "
+                  f"(step {result['best_step']}) -> {args.out}/best; latest -> {args.out}/last")
     return 0
 
 
 def _load_model(name: str, threads: int | None = None):
     import torch
 
-    from slm.checkpoint import load
+    from slm.checkpoint import load, resolve
 
     if threads:
         torch.set_num_threads(threads)
-    return load(name)
+    model, tokenizer = load(name)
+    path = resolve(name)
+    if path != Path(name):  # say what "default" or a run directory stood for
+        print(f"model: {path}", file=sys.stderr)
+    return model, tokenizer
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -198,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary to train (default 8192)")
     p.add_argument("--tokenizer", help="reuse a tokenizer: a tokenizer.json / model directory, or 'gpt2'")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share held out for validation")
+    p.add_argument("--split", default="auto", choices=["auto", "documents", "tail"],
+                   help="validation by whole documents, or the tail of each document (auto: documents when "
+                        "there are enough of them)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--text-field", default="text", help="JSONL/parquet field holding the text")
     p.add_argument("--hf-dataset", help="also stream this Hugging Face dataset (needs `datasets` + network)")

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import json
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -58,11 +59,33 @@ def list_files(inputs: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+MAX_INVALID_UTF8 = 0.001  # share of a text file's bytes that may be invalid UTF-8 (replaced, with a warning)
+
+
+def read_text_file(path: Path) -> str:
+    """A text file's contents. Refused when it is not text (NUL bytes, or more than 0.1% of its bytes
+    invalid UTF-8); a few invalid bytes (a stray Latin-1 character) are replaced by U+FFFD with a warning."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise DataError(f"{path}: not a text file (it contains NUL bytes); give .txt/.md files of UTF-8 text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    text = data.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd") - data.count("\ufffd".encode())
+    if replaced > MAX_INVALID_UTF8 * len(data):
+        raise DataError(f"{path}: not UTF-8 text ({replaced:,} invalid bytes in {len(data):,}); convert it first, "
+                        f"e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}")
+    print(f"warning: {path}: {replaced:,} invalid UTF-8 byte(s) replaced by U+FFFD", file=sys.stderr)
+    return text
+
+
 def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     """Yield the documents of one file: a text file is one document, a JSONL line or parquet row another."""
     kind = _kind(path)
     if kind in TEXT_SUFFIXES:
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield read_text_file(path)
     elif kind in JSONL_SUFFIXES:
         opener = gzip.open if kind == ".jsonl.gz" else open
         with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
@@ -121,6 +144,49 @@ def is_validation(index: int, seed: int, fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < fraction
 
 
+# ---- the validation split -------------------------------------------------------------------------------
+# "documents": whole documents, chosen by hash (no text of a validation document is ever trained on).
+# "tail": the last fraction of every document (nanoGPT's split of one long text), used when the corpus has
+# too few documents for a document split: one novel, a handful of files.
+SPLITS = ("auto", "documents", "tail")
+MIN_VAL_DOCUMENTS = 5  # a document split expects at least this many validation documents
+
+
+def count_documents(files: list[Path]) -> int:
+    """About how many documents the files hold (non-blank JSONL lines, parquet rows, one per text file)."""
+    n = 0
+    for path in files:
+        kind = _kind(path)
+        if kind in JSONL_SUFFIXES:
+            with (gzip.open if kind == ".jsonl.gz" else open)(path, "rb") as f:
+                n += sum(1 for line in f if line.strip())
+        elif kind == ".parquet":
+            import pyarrow.parquet as pq
+
+            n += pq.ParquetFile(path).metadata.num_rows
+        else:
+            n += 1
+    return n
+
+
+def choose_split(split: str, n_docs: int, fraction: float) -> str:
+    if split not in SPLITS:
+        raise DataError(f"--split {split!r}: choose {', '.join(SPLITS)}")
+    if split != "auto":
+        return split
+    return "documents" if n_docs * fraction >= MIN_VAL_DOCUMENTS else "tail"
+
+
+def tail_cut(text: str, fraction: float) -> int:
+    """Where the last ``fraction`` of a text starts: at the next line break (or space) after that point."""
+    cut = max(1, int(len(text) * (1 - fraction)))  # at least one character to train on
+    for sep in ("\n", " "):
+        nxt = text.find(sep, cut, cut + 2000)
+        if nxt != -1:
+            return nxt + 1
+    return cut
+
+
 # ---- prepare --------------------------------------------------------------------------------------------
 @dataclass
 class SplitStats:
@@ -150,13 +216,20 @@ def prepare(
     hf_dataset: str | None = None,
     batch_chars: int = 8_000_000,
     progress: bool = True,
+    split: str = "auto",
 ) -> dict:
-    """Tokenize a corpus into ``out_dir`` (train.bin, val.bin, tokenizer.json, meta.json); returns the meta."""
+    """Tokenize a corpus into ``out_dir`` (train.bin, val.bin, tokenizer.json, meta.json); returns the meta.
+
+    ``split``: "documents", "tail" (see SPLITS above) or "auto": documents when the corpus has enough of
+    them for ``val_fraction``, else tail; a document split that happens to draw no document falls back to tail.
+    """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     files = list_files(inputs) if inputs else []
     if not files and not hf_dataset:
         raise DataError("no input given: pass files or directories, or --hf-dataset NAME")
+    n_docs = float("inf") if hf_dataset else count_documents(files)
+    mode = choose_split(split, n_docs, val_fraction)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -168,9 +241,17 @@ def prepare(
             sources.append(iter_hf_dataset(hf_dataset, text_field))
         for source in sources:
             for text in source:
-                if text.strip():
+                if not text.strip():
+                    continue
+                if mode == "documents":
                     yield is_validation(index, seed, val_fraction), text
-                    index += 1
+                else:
+                    cut = tail_cut(text, val_fraction) if val_fraction else len(text)
+                    if text[:cut].strip():
+                        yield False, text[:cut]
+                    if text[cut:].strip():
+                        yield True, text[cut:]
+                index += 1
 
     # Pass 1: the tokenizer, trained on the training documents only (streamed).
     if tokenizer is None:
@@ -234,8 +315,20 @@ def prepare(
         raise DataError("the corpus is empty: no non-blank documents in the inputs")
     if stats["train"].tokens == 0:
         raise DataError("every document went to validation; lower --val-fraction")
-    for split in stats:
-        (out / f"{split}.bin.tmp").replace(out / f"{split}.bin")
+    if val_fraction and stats["val"].tokens == 0:
+        for name in stats:
+            (out / f"{name}.bin.tmp").unlink()
+        if mode == "documents" and split == "auto":  # the hash drew no document: hold out each one's tail
+            return prepare(inputs, out_dir, vocab_size, tokenizer, val_fraction, seed, text_field, hf_dataset,
+                           batch_chars, progress, split="tail")
+        if mode == "documents":
+            raise DataError(f"--split documents drew no validation document from {stats['train'].documents:,} "
+                            f"at --val-fraction {val_fraction}; use --split auto or tail, or a larger --val-fraction")
+        raise DataError(f"the corpus is too small to hold out a validation split ({stats['train'].characters:,} "
+                        "characters); add more text, raise --val-fraction, or pass --val-fraction 0 to train "
+                        "without validation")
+    for name in stats:
+        (out / f"{name}.bin.tmp").replace(out / f"{name}.bin")
     meta = {
         "inputs": [str(f) for f in files] + ([f"hf:{hf_dataset}"] if hf_dataset else []),
         "tokenizer": tok.kind,
@@ -243,6 +336,7 @@ def prepare(
         "eot_id": tok.eot_id,
         "dtype": dtype.name,
         "val_fraction": val_fraction,
+        "split": mode if val_fraction else "none",
         "seed": seed,
         "seconds": round(time.time() - started, 1),
         **{split: s.to_dict() for split, s in stats.items()},
