@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 API_PORT ?= 8000
 UI_PORT  ?= 8501
 
-.PHONY: install test lint demo bench system-deps docker-test clean
+.PHONY: install test test-fast lint demo bench screenshot system-deps docker-test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ lint: install
 
 test: install system-deps lint
 	$(PY) -m pytest -q
+
+# The inner loop: everything but the slow tests (notebooks, browser, DDP, ...), in about a minute.
+test-fast: install lint
+	$(PY) -m pytest -q -m "not slow"
+
+# Re-take docs/playground.png with the bundled model (tests themselves never write into the repository).
+screenshot: install system-deps
+	SLM_SCREENSHOT=$(CURDIR)/docs/playground.png $(PY) -m pytest -q tests/test_ui.py -k browser
 
 demo: install
 	@test -d models/slm-16m-stories || { echo "the bundled model models/slm-16m-stories is missing"; exit 1; }

@@ -196,6 +196,7 @@ def test_muon_newton_schulz_runs_in_fp32_on_a_cpu_without_bf16():
     assert (ours_fp32 - expected).abs().max() < 1e-5 < (stock - expected).abs().max()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resumes(prepared, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "slm.cli", "train", "--data", str(prepared), "--out", str(run), "--preset", "tiny",
@@ -215,6 +216,7 @@ def test_sigterm_saves_and_resumes(prepared, tmp_path):
     assert result["steps"] == state["step"] + 2
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(prepared, tmp_path):
     """torchrun --nproc_per_node 2 with batch 4 each = one process with batch 4 and 2 micro-batches."""
     single = tmp_path / "single"

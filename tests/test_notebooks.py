@@ -9,6 +9,7 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("name", ["training.ipynb", "inference.ipynb"])
