@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -133,3 +135,78 @@ def load(name_or_path: str | Path = "default", device: str | torch.device = "cpu
     if tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, model only {config.vocab_size}")
     return model.to(device).eval(), tokenizer
+
+
+# ---- run directories: best/ and last/ swapped in whole, and last/'s resume state ---------------------------
+def swap_in(new: Path, final: Path) -> None:
+    """Replace directory ``final`` by ``new``; at every moment ``final`` or ``final.old`` is complete."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+    new.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_run_checkpoint(final: Path, write: Callable[[Path], object]) -> None:
+    """Let ``write`` fill a fresh ``<final>.new`` directory, then swap it in for ``final``."""
+    tmp = final.with_name(final.name + ".new")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write(tmp)
+    swap_in(tmp, final)
+
+
+def find_last(run: Path) -> Path | None:
+    """The run's resumable checkpoint: last/, or last.old/ if a swap was interrupted."""
+    for candidate in (run / "last", run / "last.old"):
+        if (candidate / "train_state.json").is_file():
+            return candidate
+    return None
+
+
+def save_train_state(path: Path, optimizers: dict[str, torch.optim.Optimizer], state: dict) -> None:
+    """Resume state without pickle: optimizer tensors and torch RNG in safetensors, the rest in JSON."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    saved = {}
+    for opt_name, optimizer in optimizers.items():
+        opt = optimizer.state_dict()
+        steps = {}
+        for idx, param_state in opt["state"].items():
+            for key, value in param_state.items():
+                if key == "step":
+                    steps[str(idx)] = float(value)
+                else:
+                    tensors[f"opt.{opt_name}.{idx}.{key}"] = value.detach().cpu().contiguous()
+        saved[opt_name] = {"steps": steps, "param_groups": opt["param_groups"]}
+    atomic_write(path / "train_state.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_json(path / "train_state.json", {**state, "optimizers": saved})
+
+
+def saved_optimizers(path: Path) -> list[str]:
+    state = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
+    return list(state.get("optimizers", {}))
+
+
+def load_train_state(path: Path, optimizers: dict[str, torch.optim.Optimizer], device: torch.device) -> dict:
+    """Restore the optimizers and torch's RNG from ``path``; return the rest of the saved state."""
+    state = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
+    tensors = load_file(str(path / "train_state.safetensors"))
+    for opt_name, optimizer in optimizers.items():
+        prefix = f"opt.{opt_name}."
+        opt_state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                idx, name = key[len(prefix) :].split(".", 1)
+                opt_state.setdefault(int(idx), {})[name] = value.to(device)
+        for idx, step in state["optimizers"][opt_name]["steps"].items():
+            opt_state.setdefault(int(idx), {})["step"] = torch.tensor(step)
+        optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizers"][opt_name]["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return state

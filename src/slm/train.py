@@ -7,18 +7,17 @@ import json
 import math
 import os
 import platform
-import shutil
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomllib
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from slm import checkpoint
@@ -168,67 +167,6 @@ def hardware(device: torch.device, world: int) -> str:
     return what
 
 
-# ---- resume state (no pickle: tensors in safetensors, the rest in JSON) ----------------------------------
-def save_train_state(path: Path, optimizers: Optimizers, state: dict) -> None:
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    saved = {}
-    for opt_name, optimizer in optimizers.named.items():
-        opt = optimizer.state_dict()
-        steps = {}
-        for idx, s in opt["state"].items():
-            for key, value in s.items():
-                if key == "step":
-                    steps[str(idx)] = float(value)
-                else:
-                    tensors[f"opt.{opt_name}.{idx}.{key}"] = value.detach().cpu().contiguous()
-        saved[opt_name] = {"steps": steps, "param_groups": opt["param_groups"]}
-    atomic_write(path / "train_state.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write_json(path / "train_state.json", {**state, "optimizers": saved})
-
-
-def load_train_state(path: Path, optimizers: Optimizers, device: torch.device) -> dict:
-    state = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
-    saved = state.get("optimizers", {})
-    if sorted(saved) != sorted(optimizers.named):
-        raise TrainError(f"--resume: the run in {path.parent} used optimizer(s) {', '.join(saved) or 'unknown'}; "
-                         f"pass the same --optimizer")
-    tensors = load_file(str(path / "train_state.safetensors"))
-    for opt_name, optimizer in optimizers.named.items():
-        opt_state: dict[int, dict] = {}
-        for key, value in tensors.items():
-            if key.startswith(f"opt.{opt_name}."):
-                idx, name = key[len(f"opt.{opt_name}.") :].split(".", 1)
-                opt_state.setdefault(int(idx), {})[name] = value.to(device)
-        for idx, step in saved[opt_name]["steps"].items():
-            opt_state.setdefault(int(idx), {})["step"] = torch.tensor(step)
-        optimizer.load_state_dict({"state": opt_state, "param_groups": saved[opt_name]["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return state
-
-
-def swap_in(new: Path, final: Path) -> None:
-    """Replace directory ``final`` by ``new``; at every moment ``final`` or ``final.old`` is complete."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-    new.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def find_last(out: Path) -> Path | None:
-    for candidate in (out / "last", out / "last.old"):
-        if (candidate / "train_state.json").is_file():
-            return candidate
-    return None
-
-
 # ---- plotting -------------------------------------------------------------------------------------------
 def plot_losses(metrics_path: Path, png: Path, title: str) -> None:
     import matplotlib
@@ -272,6 +210,257 @@ def evaluate_windows(model: GPT, windows: torch.Tensor, batch_size: int, device:
     return total / count
 
 
+def check_settings(cfg: TrainConfig) -> None:
+    for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval", "eval_windows"):
+        if getattr(cfg, name) <= 0:
+            raise TrainError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise TrainError(f"--lr must be positive, got {cfg.lr}")
+
+
+@dataclass
+class Progress:
+    """What a resumed run continues from (saved in last/train_state.json)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_before: float = 0.0  # wall seconds of earlier legs of this run
+    best: dict = field(default_factory=lambda: {"val_loss": float("inf"), "val_bpb": None, "step": None})
+
+
+class Trainer:
+    """One training run: built in small steps, then :meth:`run` loops over :meth:`train_step`."""
+
+    def __init__(self, data_dir, out: Path, cfg: TrainConfig, model_overrides: dict, resume: bool,
+                 progress: bool, device: torch.device, rank: int, world: int) -> None:
+        check_settings(cfg)
+        self.data_dir, self.out, self.cfg, self.device, self.rank, self.world = data_dir, out, cfg, device, rank, world
+        self.master, self.progress = rank == 0, progress
+        self.load_data(model_overrides)
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(self.config).to(device)
+        self.optimizer = make_optimizer(self.model, cfg, device)
+        self.state = Progress()
+        self.restore(resume)
+        self.wrapped = self.wrap(self.model)
+        self.metrics_path = out / "metrics.jsonl"
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * world * self.config.context_length
+        self.stop_signal: int | None = None
+
+    # ---- set up ---------------------------------------------------------------------------------------
+    def load_data(self, model_overrides: dict) -> None:
+        cfg = self.cfg
+        self.meta = load_meta(self.data_dir)
+        self.tokenizer = Tokenizer.load(Path(self.data_dir) / "tokenizer.json")
+        values = {**get_preset(cfg.preset).config.to_dict(), **model_overrides, "vocab_size": self.tokenizer.vocab_size}
+        self.config = ModelConfig.from_dict(values)
+        self.amp = autocast_dtype(cfg.dtype, self.device)
+        train_tokens = open_tokens(self.data_dir, "train", self.meta)
+        self.sampler = BatchSampler(train_tokens, self.config.context_length, cfg.seed)
+        val_tokens = open_tokens(self.data_dir, "val", self.meta)
+        self.val_set = eval_windows(val_tokens, self.config.context_length, cfg.eval_windows)
+        self.bytes_per_token = self.meta["val"]["bytes_per_token"] or self.meta["train"]["bytes_per_token"]
+
+    def restore(self, resume: bool) -> None:
+        """Continue from last/ (--resume), or make sure we are not about to overwrite a run."""
+        last = checkpoint.find_last(self.out)
+        if not resume:
+            if last is not None and self.master:
+                raise TrainError(f"{self.out} already holds a run; add --resume to continue it or choose another --out")
+            return
+        if last is None:
+            raise TrainError(f"--resume: no resumable run in {self.out} (no last/ with train_state.json)")
+        saved = ModelConfig.from_dict(checkpoint.read_config(last)["model"]).to_dict()
+        if saved != self.config.to_dict():
+            diff = {k: (saved.get(k), v) for k, v in self.config.to_dict().items() if saved.get(k) != v}
+            raise TrainError(f"--resume: the run in {self.out} has a different model shape {diff} (saved, now); "
+                             "use the same preset and overrides, or a new --out")
+        optimizers = checkpoint.saved_optimizers(last)
+        if sorted(optimizers) != sorted(self.optimizer.named):
+            raise TrainError(f"--resume: the run in {self.out} used optimizer(s) {', '.join(optimizers)}; "
+                             "pass the same --optimizer")
+        self.model.load_state_dict(load_file(str(last / "model.safetensors")))
+        saved_state = checkpoint.load_train_state(last, self.optimizer.named, self.device)
+        self.sampler.set_state(saved_state["sampler"])
+        self.state = Progress(saved_state["step"], saved_state["tokens_seen"], saved_state["elapsed"],
+                              saved_state["best"])
+        if self.master:
+            print(f"resuming {self.out} at step {self.state.step} ({self.state.tokens_seen:,} tokens seen)")
+
+    def wrap(self, model: GPT) -> torch.nn.Module:
+        """torch.compile and DDP wrappers around the model (the raw model is what gets saved)."""
+        if self.cfg.compile:
+            model = torch.compile(model)
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return model
+
+    # ---- one step -------------------------------------------------------------------------------------
+    def train_step(self) -> float:
+        """One optimizer step over the global batch (this rank's slice, in micro-batches); returns the loss."""
+        cfg = self.cfg
+        self.optimizer.set_lr_scale(lr_at(self.state.step, cfg) / cfg.lr)
+        offsets = self.sampler.draw(cfg.batch_size * cfg.grad_accum * self.world)
+        step_loss = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            first = (self.rank * cfg.grad_accum + micro) * cfg.batch_size
+            x, y = self.sampler.windows(offsets[first : first + cfg.batch_size])
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            sync = micro == cfg.grad_accum - 1 or self.world == 1  # DDP: all-reduce on the last micro-batch only
+            with (nullcontext() if sync else self.wrapped.no_sync(),
+                  torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()):
+                logits = self.wrapped(x)
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.detach() / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        if self.world > 1:
+            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+        self.state.step += 1
+        self.state.tokens_seen += self.tokens_per_step
+        value = float(step_loss)
+        if not math.isfinite(value):
+            raise TrainError(f"loss became {value} at step {self.state.step}; lower --lr or use --dtype fp32")
+        return value
+
+    # ---- evaluation, checkpoints, records -------------------------------------------------------------
+    def elapsed(self) -> float:
+        return self.state.elapsed_before + time.time() - self.started
+
+    def summary(self, val_loss: float | None) -> dict:
+        meta, cfg, best = self.meta, self.cfg, self.state.best
+        return {
+            "data": {"dir": str(self.data_dir), "inputs": meta.get("inputs", []),
+                     "train_tokens": meta["train"]["tokens"], "val_tokens": meta["val"]["tokens"],
+                     "val_bytes_per_token": self.bytes_per_token},
+            "preset": cfg.preset,
+            "train_config": dataclasses.asdict(cfg),
+            "parameters": self.model.num_parameters(),
+            "steps": self.state.step,
+            "tokens_seen": self.state.tokens_seen,
+            "wall_time_s": round(self.elapsed(), 1),
+            "hardware": hardware(self.device, self.world),
+            "val_loss": val_loss,
+            "best_val_loss": best["val_loss"] if best["step"] is not None else None,
+            "best_val_bpb": best["val_bpb"],
+            "best_step": best["step"],
+        }
+
+    def record(self, entry: dict) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def save_last(self, val_loss: float | None) -> None:
+        s = self.state
+        train_state = {"step": s.step, "tokens_seen": s.tokens_seen, "sampler": self.sampler.state(),
+                       "elapsed": self.elapsed(), "best": s.best}
+        checkpoint.save_run_checkpoint(self.out / "last", lambda tmp: (
+            checkpoint.save(self.model, self.tokenizer, tmp, training=self.summary(val_loss)),
+            checkpoint.save_train_state(tmp, self.optimizer.named, train_state)))
+
+    def evaluate(self) -> float | None:
+        """Validation loss on the fixed windows (rank 0); a new best is saved to best/."""
+        if not self.master or len(self.val_set) == 0:
+            return None
+        s, best = self.state, self.state.best
+        val_loss = evaluate_windows(self.model, self.val_set, self.cfg.batch_size, self.device, self.amp)
+        bpb = val_loss / math.log(2) / self.bytes_per_token
+        self.record({"kind": "eval", "step": s.step, "tokens": s.tokens_seen, "val_loss": val_loss, "val_bpb": bpb,
+                     "elapsed": round(self.elapsed(), 1)})
+        if self.progress:
+            better = " (best so far)" if val_loss < best["val_loss"] else ""
+            tqdm.write(f"step {s.step}: val loss {val_loss:.4f}, {bpb:.3f} bits/byte{better}")
+        if val_loss < best["val_loss"]:
+            best.update(val_loss=val_loss, val_bpb=bpb, step=s.step)
+            checkpoint.save_run_checkpoint(self.out / "best", lambda tmp: checkpoint.save(
+                self.model, self.tokenizer, tmp, training=self.summary(val_loss)))
+        plot_losses(self.metrics_path, self.out / "loss.png",
+                    f"{self.cfg.preset}, {self.model.num_parameters() / 1e6:.1f}M parameters")
+        return val_loss
+
+    def log_window(self, losses: list[float], seconds: float, lr: float, bar: tqdm, lines: bool) -> None:
+        """A train record for the last ``log_interval`` steps: metrics.jsonl, the bar, or a plain line."""
+        tps = len(losses) * self.tokens_per_step / seconds
+        entry = {"kind": "train", "step": self.state.step, "tokens": self.state.tokens_seen,
+                 "loss": sum(losses) / len(losses), "lr": lr, "tokens_per_s": tps, "elapsed": round(self.elapsed(), 1)}
+        shown = {"loss": f"{entry['loss']:.3f}", "tok/s": f"{tps:,.0f}", "lr": f"{lr:.1e}"}
+        peak = peak_flops(self.device)
+        if peak:
+            entry["mfu"] = tps * flops_per_token(self.config, self.model.num_parameters()) / (peak * self.world)
+            shown["mfu"] = f"{entry['mfu']:.1%}"
+        if not self.master:
+            return
+        self.record(entry)
+        bar.set_postfix(shown)
+        if lines:
+            print(f"step {self.state.step}/{self.cfg.max_steps} | " + " | ".join(f"{k} {v}" for k, v in shown.items())
+                  + f" | {format_duration(entry['elapsed'])}", flush=True)
+
+    def should_stop(self) -> tuple[bool, bool]:
+        """(stop now, because of the time limit): a signal or --max-minutes on any rank stops every rank."""
+        over_time = self.cfg.max_minutes > 0 and (time.time() - self.started) / 60 >= self.cfg.max_minutes
+        flag = torch.tensor([self.stop_signal is not None or over_time], dtype=torch.float32, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag), over_time and self.stop_signal is None
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, out = self.cfg, self.out
+        if self.master:
+            out.mkdir(parents=True, exist_ok=True)
+            print(f"model {self.model.num_parameters():,} parameters | {self.world} process(es) on {self.device} | "
+                  f"{'bf16' if self.amp else 'fp32'} | {self.tokens_per_step:,} tokens/step | {cfg.max_steps} steps")
+
+        def on_signal(signum, _frame):  # finish the step, save, exit cleanly
+            self.stop_signal = signum
+
+        old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.started = time.time()
+        # A progress bar on a terminal; in a log file (nohup, CI) its redraws are noise, so plain lines instead.
+        show_bar = self.master and self.progress and sys.stderr.isatty()
+        lines = self.master and self.progress and not show_bar
+        bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not show_bar, unit="step", dynamic_ncols=True)
+        self.wrapped.train()
+        losses, window_start, last_val = [], time.time(), None
+        try:
+            while self.state.step < cfg.max_steps:
+                lr = lr_at(self.state.step, cfg)
+                losses.append(self.train_step())
+                bar.update()
+                step = self.state.step
+                if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                    self.log_window(losses, time.time() - window_start, lr, bar, lines)
+                    losses, window_start = [], time.time()
+                stop, timed_out = self.should_stop()
+                if step % cfg.eval_interval == 0 or step == cfg.max_steps or stop:
+                    last_val = self.evaluate()
+                    if self.master:
+                        self.save_last(last_val)
+                    if self.world > 1:
+                        dist.barrier()
+                if stop:
+                    if self.master:
+                        why = "time limit reached" if timed_out else "interrupted"
+                        bar.write(f"{why}: saved {out / 'last'} at step {step}; continue with --resume")
+                    break
+        except torch.OutOfMemoryError as e:
+            raise TrainError(f"out of memory with --batch-size {cfg.batch_size}; use a smaller --batch-size and "
+                             f"a larger --grad-accum for the same tokens per step") from e
+        finally:
+            bar.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        result = self.summary(last_val)
+        if self.master:
+            atomic_write_json(out / "summary.json", result)
+        return result
+
+
 def train(
     data_dir: str | Path,
     out_dir: str | Path,
@@ -292,210 +481,8 @@ def train(
         if device.type == "cuda":
             torch.cuda.set_device(device)
     try:
-        return _train(data_dir, Path(out_dir), cfg, model_overrides or {}, resume, progress, device, rank, world)
+        trainer = Trainer(data_dir, Path(out_dir), cfg, model_overrides or {}, resume, progress, device, rank, world)
+        return trainer.run()
     finally:
         if ddp:
             dist.destroy_process_group()
-
-
-def _train(data_dir, out: Path, cfg: TrainConfig, model_overrides: dict, resume: bool, progress: bool,
-           device: torch.device, rank: int, world: int) -> dict:
-    master = rank == 0
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval", "eval_windows"):
-        if getattr(cfg, name) <= 0:
-            raise TrainError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise TrainError(f"--lr must be positive, got {cfg.lr}")
-    meta = load_meta(data_dir)
-    tokenizer = Tokenizer.load(Path(data_dir) / "tokenizer.json")
-    preset = get_preset(cfg.preset)
-    mvalues = {**preset.config.to_dict(), **model_overrides, "vocab_size": tokenizer.vocab_size}
-    config = ModelConfig.from_dict(mvalues)
-    amp = autocast_dtype(cfg.dtype, device)
-
-    train_tokens = open_tokens(data_dir, "train", meta)
-    val_tokens = open_tokens(data_dir, "val", meta)
-    sampler = BatchSampler(train_tokens, config.context_length, cfg.seed)
-    val_set = eval_windows(val_tokens, config.context_length, cfg.eval_windows)
-    bytes_per_token = meta["val"]["bytes_per_token"] or meta["train"]["bytes_per_token"]
-
-    torch.manual_seed(cfg.seed)
-    model = GPT(config).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    step, tokens_seen, elapsed_before, best = 0, 0, 0.0, {"val_loss": float("inf"), "val_bpb": None, "step": None}
-
-    last = find_last(out)
-    if resume:
-        if last is None:
-            raise TrainError(f"--resume: no resumable run in {out} (no last/ with train_state.json)")
-        saved = ModelConfig.from_dict(checkpoint.read_config(last)["model"]).to_dict()
-        if saved != config.to_dict():
-            diff = {k: (saved.get(k), v) for k, v in config.to_dict().items() if saved.get(k) != v}
-            raise TrainError(f"--resume: the run in {out} has a different model shape {diff} (saved, now); "
-                             "use the same preset and overrides, or a new --out")
-        model.load_state_dict(load_file(str(last / "model.safetensors")))
-        state = load_train_state(last, optimizer, device)
-        sampler.set_state(state["sampler"])
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        elapsed_before, best = state["elapsed"], state["best"]
-        if master:
-            print(f"resuming {out} at step {step} ({tokens_seen:,} tokens seen)")
-    elif last is not None and master:
-        raise TrainError(f"{out} already holds a run; add --resume to continue it or choose another --out")
-
-    n_params = model.num_parameters()
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
-
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):  # finish the step, save, exit cleanly
-        stop["signal"] = signum
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    global_batch = cfg.batch_size * cfg.grad_accum * world
-    tokens_per_step = global_batch * config.context_length
-    peak = peak_flops(device)
-    fpt = flops_per_token(config, n_params)
-    metrics_path = out / "metrics.jsonl"
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"model {n_params:,} parameters | {world} process(es) on {device} | "
-              f"{'bf16' if amp else 'fp32'} | {tokens_per_step:,} tokens/step | {cfg.max_steps} steps")
-
-    def summary(val_loss: float | None) -> dict:
-        return {
-            "data": {"dir": str(data_dir), "inputs": meta.get("inputs", []), "train_tokens": meta["train"]["tokens"],
-                     "val_tokens": meta["val"]["tokens"], "val_bytes_per_token": bytes_per_token},
-            "preset": cfg.preset,
-            "train_config": dataclasses.asdict(cfg),
-            "parameters": n_params,
-            "steps": step,
-            "tokens_seen": tokens_seen,
-            "wall_time_s": round(elapsed_before + time.time() - started, 1),
-            "hardware": hardware(device, world),
-            "val_loss": val_loss,
-            "best_val_loss": best["val_loss"] if best["step"] is not None else None,
-            "best_val_bpb": best["val_bpb"],
-            "best_step": best["step"],
-        }
-
-    def save_last(val_loss: float | None) -> None:
-        tmp = out / "last.new"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        checkpoint.save(raw_model, tokenizer, tmp, training=summary(val_loss))
-        save_train_state(tmp, optimizer, {"step": step, "tokens_seen": tokens_seen, "sampler": sampler.state(),
-                                          "elapsed": elapsed_before + time.time() - started, "best": best})
-        swap_in(tmp, out / "last")
-
-    def run_eval() -> float | None:
-        if not master or len(val_set) == 0:
-            return None
-        val_loss = evaluate_windows(raw_model, val_set, cfg.batch_size, device, amp)
-        bpb = val_loss / math.log(2) / bytes_per_token
-        record = {"kind": "eval", "step": step, "tokens": tokens_seen, "val_loss": val_loss, "val_bpb": bpb,
-                  "elapsed": round(elapsed_before + time.time() - started, 1)}
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if progress:
-            better = " (best so far)" if val_loss < best["val_loss"] else ""
-            tqdm.write(f"step {step}: val loss {val_loss:.4f}, {bpb:.3f} bits/byte{better}")
-        if val_loss < best["val_loss"]:
-            best.update(val_loss=val_loss, val_bpb=bpb, step=step)
-            tmp = out / "best.new"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            checkpoint.save(raw_model, tokenizer, tmp, training=summary(val_loss))
-            swap_in(tmp, out / "best")
-        plot_losses(metrics_path, out / "loss.png", f"{cfg.preset}, {n_params / 1e6:.1f}M parameters")
-        return val_loss
-
-    started = time.time()
-    # A progress bar on a terminal; in a log file (nohup, CI) its redraws are noise, so plain lines instead.
-    show_bar = master and progress and sys.stderr.isatty()
-    log_lines = master and progress and not show_bar
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not show_bar, unit="step", dynamic_ncols=True)
-    model.train()
-    window_loss, window_steps, window_start = 0.0, 0, time.time()
-    last_val: float | None = None
-    try:
-        while step < cfg.max_steps:
-            lr = lr_at(step, cfg)
-            optimizer.set_lr_scale(lr / cfg.lr)
-            offsets = sampler.draw(global_batch)
-            step_loss = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                first = (rank * cfg.grad_accum + micro) * cfg.batch_size
-                x, y = sampler.windows(offsets[first : first + cfg.batch_size])
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = micro == cfg.grad_accum - 1 or world == 1
-                ctx = nullcontext() if sync else model.no_sync()
-                with ctx, torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-                    logits = model(x)
-                    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                (loss / cfg.grad_accum).backward()
-                step_loss += loss.detach() / cfg.grad_accum
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad()
-            if world > 1:
-                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-            step += 1
-            tokens_seen += tokens_per_step
-            loss_value = float(step_loss)
-            if not math.isfinite(loss_value):
-                raise TrainError(f"loss became {loss_value} at step {step}; lower --lr or use --dtype fp32")
-            window_loss += loss_value
-            window_steps += 1
-            bar.update()
-            if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                dt = time.time() - window_start
-                tps = window_steps * tokens_per_step / dt
-                record = {"kind": "train", "step": step, "tokens": tokens_seen, "loss": window_loss / window_steps,
-                          "lr": lr, "tokens_per_s": tps, "elapsed": round(elapsed_before + time.time() - started, 1)}
-                post = {"loss": f"{record['loss']:.3f}", "tok/s": f"{tps:,.0f}", "lr": f"{lr:.1e}"}
-                if peak:
-                    record["mfu"] = tps * fpt / (peak * world)
-                    post["mfu"] = f"{record['mfu']:.1%}"
-                if master:
-                    with open(metrics_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(record) + "\n")
-                    bar.set_postfix(post)
-                    if log_lines:
-                        print(f"step {step}/{cfg.max_steps} | " + " | ".join(f"{k} {v}" for k, v in post.items())
-                              + f" | {format_duration(record['elapsed'])}", flush=True)
-                window_loss, window_steps, window_start = 0.0, 0, time.time()
-            over_time = cfg.max_minutes > 0 and (time.time() - started) / 60 >= cfg.max_minutes
-            flags = torch.tensor([stop["signal"] is not None or over_time], dtype=torch.float32, device=device)
-            if world > 1:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            if step % cfg.eval_interval == 0 or step == cfg.max_steps or bool(flags):
-                last_val = run_eval()
-                if master:
-                    save_last(last_val)
-                if world > 1:
-                    dist.barrier()
-            if bool(flags):
-                if master:
-                    why = "time limit reached" if over_time and stop["signal"] is None else "interrupted"
-                    bar.write(f"{why}: saved {out / 'last'} at step {step}; continue with --resume")
-                break
-    except torch.OutOfMemoryError as e:
-        raise TrainError(f"out of memory with --batch-size {cfg.batch_size}; use a smaller --batch-size and "
-                         f"a larger --grad-accum for the same tokens per step") from e
-    finally:
-        bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-    result = summary(last_val)
-    if master:
-        atomic_write_json(out / "summary.json", result)
-    return result
-
