@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import slm
@@ -32,6 +33,7 @@ def test_bundled_model_directory():
     assert meta["training"]["tokens_seen"] > 0 and meta["training"]["best_val_bpb"] > 0
 
 
+@pytest.mark.slow
 def test_loads_by_default_and_decodes_the_same_with_and_without_cache():
     model, tok = slm.load("default")
     assert 15e6 < model.num_parameters() < 17e6 and tok.vocab_size == 8192

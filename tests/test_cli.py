@@ -67,7 +67,7 @@ def test_user_mistakes_get_one_line_errors(args, message, trained):
 
 def test_unknown_preset_on_the_command_line(prepared, tmp_path):
     r = run_slm("train", "--data", str(prepared), "--out", str(tmp_path / "r"), "--preset", "huge")
-    assert r.returncode == 2 and "unknown preset 'huge'; choose one of: seed-16m, slm-16m, tiny" in r.stderr
+    assert r.returncode == 2 and "unknown preset 'huge'; choose one of: seed-16m, slm-16m, llama-16m" in r.stderr
 
 
 def test_pickle_checkpoint_refused_on_the_command_line(tmp_path):
@@ -78,6 +78,7 @@ def test_pickle_checkpoint_refused_on_the_command_line(tmp_path):
     assert r.returncode == 2 and "pickle" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_prepare_train_eval_export_end_to_end(corpus, tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     r = run_slm("prepare", str(corpus), "--out", str(data), "--vocab-size", "400", "--quiet")
@@ -102,6 +103,7 @@ def test_prepare_train_eval_export_end_to_end(corpus, tmp_path):
     assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
 def test_bench_prints_a_table_and_writes_json_and_plot(tmp_path, preset):
     r = run_slm("bench", "--preset", preset, "--lengths", "8,32", "--repeats", "1", "--json",

@@ -125,6 +125,7 @@ def train_losses(run: Path) -> list[float]:
             if m["kind"] == "train"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset, optimizer", [("tiny", "adamw"), ("tiny-llama", "muon")])
 def test_resume_reproduces_an_uninterrupted_run(prepared, tmp_path, preset, optimizer):
     overrides = {"dropout": 0.1}  # dropout makes the RNG state part of what must be restored

@@ -19,6 +19,7 @@ def one_long_text(path, n_stories: int = 300) -> None:
     path.write_text("\n".join(make_story(rng).replace("\n\n", "\n") for _ in range(n_stories)), encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_one_text_file_from_prepare_to_generate(tmp_path):
     text = tmp_path / "input.txt"
     one_long_text(text)
@@ -50,6 +51,7 @@ def test_one_text_file_from_prepare_to_generate(tmp_path):
     assert f"model: {run}/best" in r.stderr and json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_training_without_validation_names_last(tmp_path):
     text = tmp_path / "input.txt"
     one_long_text(text, 100)

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from slm.config import PRESETS
+from slm.config import PRESETS, get_preset
 
 
 def _presets_help() -> str:
@@ -75,7 +75,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     for key in MODEL_FLAGS:
         if getattr(args, key) is not None:
             model_overrides[key] = getattr(args, key)
-    cfg = TrainConfig(**values)
+    preset = get_preset(values.get("preset", TrainConfig.preset))
+    cfg = TrainConfig(**{**preset.training, **values})  # the preset's recipe, then the config file and flags
     result = train(args.data, args.out, cfg, model_overrides, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", 0)) == 0:
         done = f"done: {result['steps']} steps, {result['tokens_seen']:,} tokens, {result['wall_time_s']} s; "

@@ -105,6 +105,7 @@ class Preset:
     tokenizer: str  # "gpt2" or "trained"
     description: str
     why: str = field(default="")
+    training: dict = field(default_factory=dict)  # training settings this shape was measured with (flags override)
 
 
 PRESETS: dict[str, Preset] = {
