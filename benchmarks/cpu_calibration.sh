@@ -35,6 +35,8 @@ declare -A ARGS=(
 )
 ORDER=(a-gpt2-16m-adamw c-llama-16m-muon d1-llama-6l256-muon b-llama-16m-adamw d2-llama-6l192-muon)
 
+# RESUME=1 continues variants whose runs were stopped (training is deterministic, so a resumed run ends
+# exactly where an uninterrupted one would).
 variants=("$@")
 [ ${#variants[@]} -gt 0 ] || variants=("${ORDER[@]}")
 mkdir -p "$OUT"
@@ -43,7 +45,11 @@ for name in "${variants[@]}"; do
   steps=$((steps * MINUTES / 20)); every=$((every * MINUTES / 20))
   # shellcheck disable=SC2086
   cmd=("$SLM" train "${COMMON[@]}" --out "$OUT/$name" --max-steps "$steps" --eval-interval "$every" $flags)
+  if [ "${RESUME:-0}" = 1 ]; then
+    cmd+=(--resume)
+  else
+    rm -rf "${OUT:?}/$name"
+  fi
   echo "$(date -u +%FT%TZ) ${cmd[*]}" | tee -a "$OUT/commands.log"
-  rm -rf "${OUT:?}/$name"
-  "${cmd[@]}" > "$OUT/$name.log" 2>&1
+  "${cmd[@]}" >> "$OUT/$name.log" 2>&1
 done

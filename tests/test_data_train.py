@@ -312,3 +312,31 @@ def test_hf_dataset_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=match):
         prepare([], tmp_path / "out", hf_dataset="roneneldan/TinyStories", progress=False)
     assert time.time() - start < 30
+
+
+def test_prepare_records_each_input_and_mix_samples_by_weight(tmp_path):
+    from slm.data import BatchSampler, mixture, open_tokens
+
+    for name, animal in (("foxes", "fox"), ("owls", "owl")):
+        lines = [json.dumps({"text": f"The {animal} number {i} ran to the {animal} house."}) for i in range(300)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    meta = prepare([tmp_path / "foxes.jsonl", tmp_path / "owls.jsonl"], tmp_path / "d", vocab_size=300,
+                   val_fraction=0.1, progress=False)
+    foxes, owls = meta["sources"]
+    assert foxes["train"][0] == 0 and foxes["train"][1] == owls["train"][0]
+    assert owls["train"][1] == meta["train"]["tokens"]
+    assert owls["val"][1] == meta["val"]["tokens"]
+    tokens = open_tokens(tmp_path / "d", "train", meta)
+
+    def share_of_owls(spec: str) -> float:
+        offsets = BatchSampler(tokens, 16, 0, mixture(meta, spec)).draw(4000)
+        return float(np.mean(offsets >= owls["train"][0]))
+
+    assert share_of_owls("owls=0") == 0.0
+    assert 0.45 < share_of_owls("owls=1") < 0.55  # same size, same weight
+    assert 0.75 < share_of_owls("owls=4") < 0.85  # 4 : 1
+    assert mixture(meta, "") is None
+    with pytest.raises(DataError, match="no input file name starts with 'cats'.*foxes.jsonl, owls.jsonl"):
+        mixture(meta, "cats=2")
+    with pytest.raises(DataError, match="NAME=WEIGHT"):
+        mixture(meta, "owls")

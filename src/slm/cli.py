@@ -239,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--optimizer", str, "adamw | muon (Muon for the blocks' matrices, AdamW for the rest)"),
         ("--muon-lr", float, "Muon's peak learning rate (default 0.02)"),
         ("--muon-momentum", float, "Muon's momentum (default 0.95)"),
+        ("--mix", str, "sample inputs by weight, e.g. simple-stories=3,fables=2 (names start input file names)"),
     ]:
         p.add_argument(flag, type=typ, default=None, help=what)
     shape = p.add_argument_group("model shape (overrides the preset; recorded in the run's config.json)")

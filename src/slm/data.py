@@ -234,23 +234,26 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    def documents() -> Iterator[tuple[bool, str]]:
+    names = [str(f) for f in files] + ([f"hf:{hf_dataset}"] if hf_dataset else [])
+
+    def documents() -> Iterator[tuple[bool, str, int]]:
+        """(is validation, text, index of its input) for every non-blank document, in input order."""
         index = 0
         sources: list[Iterator[str]] = [read_documents(f, text_field) for f in files]
         if hf_dataset:
             sources.append(iter_hf_dataset(hf_dataset, text_field))
-        for source in sources:
+        for source_index, source in enumerate(sources):
             for text in source:
                 if not text.strip():
                     continue
                 if mode == "documents":
-                    yield is_validation(index, seed, val_fraction), text
+                    yield is_validation(index, seed, val_fraction), text, source_index
                 else:
                     cut = tail_cut(text, val_fraction) if val_fraction else len(text)
                     if text[:cut].strip():
-                        yield False, text[:cut]
+                        yield False, text[:cut], source_index
                     if text[cut:].strip():
-                        yield True, text[cut:]
+                        yield True, text[cut:], source_index
                 index += 1
 
     # Pass 1: the tokenizer, trained on the training documents only (streamed).
@@ -260,7 +263,7 @@ def prepare(
         def train_texts() -> Iterator[str]:
             nonlocal n_docs
             bar = tqdm(desc="training tokenizer", unit=" docs", disable=not progress)
-            for is_val, text in documents():
+            for is_val, text, _ in documents():
                 n_docs += 1
                 bar.update()
                 if not is_val:
@@ -279,14 +282,16 @@ def prepare(
 
     # Pass 2: encode in batches (parallel in Rust) and append to the token files.
     stats = {"train": SplitStats(), "val": SplitStats()}
+    source_tokens = {split: [0] * len(names) for split in stats}  # each input's tokens are contiguous
     stack = contextlib.ExitStack()
     files_out = {s: stack.enter_context(open(out / f"{s}.bin.tmp", "wb")) for s in stats}  # noqa: SIM115
     eot = np.array([tok.eot_id], dtype=dtype)
     bar = tqdm(desc="encoding", unit="B", unit_scale=True, disable=not progress)
 
-    def flush(batch: list[tuple[bool, str]]) -> None:
-        for (is_val, text), ids in zip(batch, tok.encode_batch([t for _, t in batch]), strict=True):
+    def flush(batch: list[tuple[bool, str, int]]) -> None:
+        for (is_val, text, source), ids in zip(batch, tok.encode_batch([t for _, t, _ in batch]), strict=True):
             split = "val" if is_val else "train"
+            source_tokens[split][source] += len(ids) + 1
             s = stats[split]
             n_bytes = len(text.encode("utf-8"))
             s.documents += 1
@@ -298,7 +303,7 @@ def prepare(
             bar.update(n_bytes)
 
     try:
-        batch: list[tuple[bool, str]] = []
+        batch: list[tuple[bool, str, int]] = []
         chars = 0
         for item in documents():
             batch.append(item)
@@ -330,7 +335,8 @@ def prepare(
     for name in stats:
         (out / f"{name}.bin.tmp").replace(out / f"{name}.bin")
     meta = {
-        "inputs": [str(f) for f in files] + ([f"hf:{hf_dataset}"] if hf_dataset else []),
+        "inputs": names,
+        "sources": source_ranges(names, source_tokens),
         "tokenizer": tok.kind,
         "vocab_size": tok.vocab_size,
         "eot_id": tok.eot_id,
@@ -343,6 +349,16 @@ def prepare(
     }
     atomic_write_json(out / "meta.json", meta)
     return meta
+
+
+def source_ranges(names: list[str], source_tokens: dict[str, list[int]]) -> list[dict]:
+    """Each input's [start, end) token range in train.bin and val.bin (inputs are written one after another)."""
+    ranges = [{"input": name} for name in names]
+    for split, counts in source_tokens.items():
+        ends = np.cumsum(counts).tolist()
+        for r, n, end in zip(ranges, counts, ends, strict=True):
+            r[split] = [end - n, end]
+    return ranges
 
 
 # ---- reading prepared data ------------------------------------------------------------------------------
@@ -371,17 +387,30 @@ class BatchSampler:
     the samples that one process with batch N*B sees.
     """
 
-    def __init__(self, tokens: np.ndarray, context: int, seed: int) -> None:
+    def __init__(self, tokens: np.ndarray, context: int, seed: int,
+                 mix: list[tuple[int, int, float]] | None = None) -> None:
         if len(tokens) < context + 2:
             raise DataError(f"only {len(tokens)} training tokens, fewer than one window of {context + 1}; "
                             "give more text or a smaller context")
         self.tokens = tokens
         self.context = context
         self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.mix = None
+        if mix:  # (start, end, weight) per input: a window comes from an input with p ~ weight x its tokens
+            starts, ends, weights = (np.array(x, dtype=np.float64) for x in zip(*mix, strict=True))
+            p = weights * (ends - starts)
+            self.mix = (starts.astype(np.int64), ends.astype(np.int64), p / p.sum())
 
     def draw(self, global_batch: int) -> np.ndarray:
         """Start offsets of one global batch (all ranks draw the same ones)."""
-        return self.rng.integers(0, len(self.tokens) - self.context - 1, size=global_batch)
+        last = len(self.tokens) - self.context - 1
+        if self.mix is None:
+            return self.rng.integers(0, last, size=global_batch)
+        starts, ends, p = self.mix
+        picks = self.rng.choice(len(p), size=global_batch, p=p)
+        low = np.minimum(starts[picks], last - 1)
+        high = np.clip(ends[picks] - self.context - 1, low + 1, last)  # a short input: windows run past its end
+        return self.rng.integers(low, high)
 
     def windows(self, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets ``[len(offsets), context]`` for the given offsets."""
@@ -393,6 +422,36 @@ class BatchSampler:
 
     def set_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state
+
+
+def mixture(meta: dict, spec: str) -> list[tuple[int, int, float]] | None:
+    """Parse ``--mix "simple-stories=3,fables=2"``: each name is the start of an input's file name; inputs not
+    named keep weight 1. Returns (start, end, weight) of every input's training tokens, or None for no mix."""
+    if not spec:
+        return None
+    sources = meta.get("sources")
+    if not sources:
+        raise DataError("--mix needs per-input token ranges in meta.json: prepare the data again with this slm")
+    names = [Path(src["input"]).name for src in sources]
+    weights = [1.0] * len(sources)
+    for item in spec.split(","):
+        key, sep, value = item.strip().partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not sep or not key or weight < 0:
+            raise DataError(f"--mix {spec!r}: give NAME=WEIGHT pairs with weights >= 0, e.g. simple-stories=3,fables=2")
+        matches = [i for i, name in enumerate(names) if name.startswith(key)]
+        if not matches:
+            raise DataError(f"--mix: no input file name starts with {key!r} (inputs: {', '.join(names)})")
+        for i in matches:
+            weights[i] = weight
+    mix = [(src["train"][0], src["train"][1], w) for src, w in zip(sources, weights, strict=True)
+           if src["train"][1] > src["train"][0]]
+    if not any(w > 0 for _, _, w in mix):
+        raise DataError(f"--mix {spec!r}: every input has weight 0")
+    return mix
 
 
 def eval_windows(tokens: np.ndarray, context: int, n: int, seed: int = 1234) -> torch.Tensor:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from slm import checkpoint
 from slm.config import ConfigError, ModelConfig, get_preset
-from slm.data import BatchSampler, eval_windows, load_meta, open_tokens
+from slm.data import BatchSampler, eval_windows, load_meta, mixture, open_tokens
 from slm.files import atomic_write, atomic_write_json
 from slm.model import GPT
 from slm.optim import Optimizers, make_optimizers
@@ -49,6 +49,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
     muon_lr: float = 0.02  # Muon's peak learning rate (lr above stays AdamW's)
     muon_momentum: float = 0.95
+    mix: str = ""  # sample some inputs more often: "simple-stories=3,fables=2" (weights per input file name)
     eval_interval: int = 100
     eval_windows: int = 64  # validation windows scored at each evaluation (the same ones every time)
     log_interval: int = 10
@@ -256,7 +257,7 @@ class Trainer:
         self.config = ModelConfig.from_dict(values)
         self.amp = autocast_dtype(cfg.dtype, self.device)
         train_tokens = open_tokens(self.data_dir, "train", self.meta)
-        self.sampler = BatchSampler(train_tokens, self.config.context_length, cfg.seed)
+        self.sampler = BatchSampler(train_tokens, self.config.context_length, cfg.seed, mixture(self.meta, cfg.mix))
         val_tokens = open_tokens(self.data_dir, "val", self.meta)
         self.val_set = eval_windows(val_tokens, self.config.context_length, cfg.eval_windows)
         self.bytes_per_token = self.meta["val"]["bytes_per_token"] or self.meta["train"]["bytes_per_token"]
