@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slm.generation import Engine, GenerationError, SamplingParams, generate, sample, stream
+from slm.generation import Engine, GenerationError, SamplingParams, apply_penalties, generate, sample, stream
 from slm.kv_cache import KVCache
 
 CONTEXT = 64  # the tiny preset's
@@ -166,6 +166,10 @@ def test_stream_never_splits_a_character(trained):
     ({"top_p": 0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
     ({"top_k": -3}, "top_k"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"presence_penalty": -3}, "presence_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_p": 1.5}, "min_p"),
 ])
 def test_bad_settings_raise_value_errors_naming_the_field(tiny_model, kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -187,3 +191,46 @@ def test_identical_requests_in_one_batch(tiny_model):
         engine.step()
     alone = generate(tiny_model, [[5, 6, 7]], max_new_tokens=30, temperature=0)[0][3:]
     assert [s.generated for s in seqs] == [alone, alone, alone[:10], alone]
+
+
+# ---- repetition control --------------------------------------------------------------------------------
+def test_penalties_against_a_hand_computation():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [2.0, -1.0, 0.5, 3.0]])
+    seen = torch.tensor([[True, True, False, True]] * 2)  # token 1 only in the prompt, 0 and 3 generated
+    counts = torch.tensor([[2.0, 0.0, 0.0, 1.0]] * 2)
+    params = [SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25), SamplingParams()]
+    out = apply_penalties(logits, counts, seen, params)
+    # repetition /2 or x2 on seen tokens: [1, -2, 0.5, 1.5]; then - 0.5 x counts - 0.25 x (counts > 0)
+    assert out[0].tolist() == [-0.25, -2.0, 0.5, 0.75]
+    assert out[1].tolist() == logits[1].tolist()  # a row without penalties is untouched
+
+
+def test_repetition_penalty_matches_transformers():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (2, 12), generator=g)
+    scores = torch.randn(2, 50, generator=g)
+    seen = torch.zeros(2, 50, dtype=torch.bool).scatter_(1, ids, True)
+    ours = apply_penalties(scores.clone(), torch.zeros(2, 50), seen, [SamplingParams(repetition_penalty=1.3)] * 2)
+    theirs = RepetitionPenaltyLogitsProcessor(penalty=1.3)(ids, scores.clone())
+    assert torch.allclose(ours, theirs)
+
+
+def test_min_p_keeps_tokens_near_the_top():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    g = torch.Generator().manual_seed(0)
+    # min_p 0.2: threshold 0.2 x 0.5 = 0.1, so token 3 (0.05) is never drawn and the other three are.
+    assert {sample(logits, SamplingParams(temperature=1.0, min_p=0.2), g) for _ in range(400)} == {0, 1, 2}
+    assert {sample(logits, SamplingParams(temperature=1.0, min_p=0.7), g) for _ in range(100)} == {0}
+
+
+def test_penalised_rows_batched_cached_and_alone_agree(tiny_model):
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (3, 20, 9)]
+    controls = {"repetition_penalty": 1.5, "frequency_penalty": 0.5, "presence_penalty": 0.3}
+    alone = [generate(tiny_model, [p], max_new_tokens=80, temperature=0, **controls)[0] for p in prompts]
+    assert generate(tiny_model, prompts, max_new_tokens=80, temperature=0, **controls) == alone
+    assert generate(tiny_model, prompts, max_new_tokens=80, temperature=0, use_cache=False, **controls) == alone
+    plain = [generate(tiny_model, [p], max_new_tokens=80, temperature=0)[0] for p in prompts]
+    assert plain != alone  # the penalties changed what greedy decoding picks

@@ -108,7 +108,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise GenerationError("--prompt is empty: give some text to continue")
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                            tuple(args.stop or ()))
+                            tuple(args.stop or ()), frequency_penalty=args.frequency_penalty,
+                            presence_penalty=args.presence_penalty, repetition_penalty=args.repetition_penalty,
+                            min_p=args.min_p)
     model, tokenizer = _load_model(args.model, args.threads)
     ids = tokenizer.encode(args.prompt)
     engine = Engine(model, tokenizer, max_batch=1, use_cache=not args.no_kv_cache)
@@ -258,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None, help="keep tokens with p >= MIN_P x the top token's")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already in the prompt or output (transformers' definition)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2, OpenAI's definition")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2, OpenAI's definition")
     p.add_argument("--seed", type=int, default=None, help="same seed, same text")
     p.add_argument("--stop", action="append", help="stop before this string (repeatable)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole window every token")

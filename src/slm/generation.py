@@ -34,6 +34,14 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # generation ends before the first of these strings
     stop_at_eot: bool = True  # end at <|endoftext|> (when the engine knows its id)
+    frequency_penalty: float = 0.0  # OpenAI: logit -= penalty x times the token was generated
+    presence_penalty: float = 0.0  # OpenAI: logit -= penalty if the token was generated at all
+    repetition_penalty: float = 1.0  # CTRL / transformers: a seen token's logit / p if > 0, x p if < 0
+    min_p: float | None = None  # keep tokens with probability >= min_p x the top token's
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
@@ -47,13 +55,37 @@ class SamplingParams:
             raise GenerationError(f"top_k must be >= 0 (0 or None = off), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise GenerationError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
+        if not self.repetition_penalty > 0:
+            raise GenerationError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise GenerationError(f"min_p must be in [0, 1], got {self.min_p}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(s for s in self.stop if s)
 
 
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor,
+                    params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Penalised logits ``[B, vocab]`` for a batch of rows at once.
+
+    ``counts [B, vocab]``: how often each token was generated; ``seen [B, vocab]``: tokens in the prompt or
+    generated. Repetition penalty first (transformers' RepetitionPenaltyLogitsProcessor), then OpenAI's
+    frequency and presence penalties, as vLLM orders them.
+    """
+    def column(name: str) -> torch.Tensor:
+        return torch.tensor([getattr(p, name) for p in params], dtype=logits.dtype, device=logits.device)[:, None]
+
+    rep = column("repetition_penalty")
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    return logits - column("frequency_penalty") * counts - column("presence_penalty") * (counts > 0)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from ``logits [vocab]``: greedy at temperature 0, else temperature, top-k, top-p."""
+    """One token from ``logits [vocab]``: greedy at temperature 0, else temperature, top-k, top-p, min-p."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
     logits = logits.float() / params.temperature
@@ -61,6 +93,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if params.min_p:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     if params.top_p is not None and params.top_p < 1:
         sorted_probs, order = torch.sort(probs, descending=True)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ranked above
@@ -85,6 +119,8 @@ class SequenceState:
     needs_prefill: bool = True
     generator: torch.Generator | None = None
     decoder: StreamDecoder | None = None
+    counts: torch.Tensor | None = None  # [vocab] generated-token counts, kept only when penalties are on
+    seen: torch.Tensor | None = None  # [vocab] tokens in the prompt or generated, likewise
 
     def take_text(self) -> str:
         """New text since the last call; holds back what may still turn into a stop string."""
@@ -146,6 +182,10 @@ class Engine:
             generator=None if params.temperature == 0 else torch.Generator().manual_seed(seed),
             decoder=self.tokenizer.stream_decoder() if self.tokenizer is not None else None,
         )
+        if params.penalised:
+            seq.counts = torch.zeros(vocab)
+            seq.seen = torch.zeros(vocab, dtype=torch.bool)
+            seq.seen[prompt] = True
         self.active.append(seq)
         return seq
 
@@ -160,6 +200,12 @@ class Engine:
         if not self.active:
             return []
         logits = self._logits_cached() if self.use_cache else self._logits_uncached()
+        penalised = [i for i, s in enumerate(self.active) if s.params.penalised]
+        if penalised:
+            rows = [self.active[i] for i in penalised]
+            counts = torch.stack([s.counts for s in rows]).to(logits.device)
+            seen = torch.stack([s.seen for s in rows]).to(logits.device)
+            logits[penalised] = apply_penalties(logits[penalised], counts, seen, [s.params for s in rows])
         produced = []
         greedy = [i for i, s in enumerate(self.active) if s.params.temperature == 0]
         tokens = [0] * len(self.active)
@@ -221,6 +267,9 @@ class Engine:
 
     def _append(self, seq: SequenceState, token: int) -> None:
         params = seq.params
+        if seq.counts is not None:
+            seq.counts[token] += 1
+            seq.seen[token] = True
         if params.stop_at_eot and token == self.eot_id:
             seq.finished, seq.finish_reason = True, "eot"
         else:
@@ -277,12 +326,14 @@ def generate(
     stop: Sequence[str] = (),
     tokenizer: Tokenizer | None = None,
     eot_id: int | None = None,
+    **controls: float,
 ) -> torch.Tensor | list[list[int]]:
     """Continue each prompt; returns prompt + new tokens (a ``[B, T + new]`` tensor for a tensor input).
 
     Row ``i`` samples with seed ``seed + i``. Generation ends at ``max_new_tokens``, at the end-of-text
     token (given ``tokenizer`` or ``eot_id``; such rows are padded with it in a tensor result), or at a
-    stop string (needs ``tokenizer``).
+    stop string (needs ``tokenizer``). ``controls``: ``frequency_penalty``, ``presence_penalty``,
+    ``repetition_penalty``, ``min_p`` (see SamplingParams).
     """
     prompts = _as_lists(tokens)
     if not prompts:
@@ -293,7 +344,7 @@ def generate(
     seqs = []
     for i, p in enumerate(prompts):
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p,
-                                None if seed is None else seed + i, tuple(stop))
+                                None if seed is None else seed + i, tuple(stop), **controls)
         seqs.append(engine.add(p, params))
     while engine.active:
         engine.step()
@@ -315,11 +366,12 @@ def stream(
     seed: int | None = None,
     use_cache: bool = True,
     stop: Sequence[str] = (),
+    **controls: float,
 ) -> Iterator[str]:
     """Yield the continuation of one prompt as text pieces, as they are produced (never half a character)."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     engine = Engine(model, tokenizer, max_batch=1, use_cache=use_cache)
-    seq = engine.add(ids, SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop)))
+    seq = engine.add(ids, SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop), **controls))
     while not seq.finished:
         engine.step()
         piece = seq.take_text()
