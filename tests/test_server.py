@@ -98,6 +98,20 @@ def test_greedy_text_is_the_same_everywhere(api, served):
     assert completion["usage"]["completion_tokens"] == cli["generated_tokens"]
 
 
+def test_repetition_controls_reach_the_engine(api, served):
+    prompt = "Once upon a time"
+    controls = {"repetition_penalty": 1.5, "frequency_penalty": 0.5}
+    body = {"input_text": prompt, "temperature": 0, "max_new_tokens": 40}
+    plain = post(api, "/predict", body).json()
+    penalised = post(api, "/predict", {**body, **controls}).json()
+    completion = post(api, "/v1/completions", {"prompt": prompt, "temperature": 0, "max_tokens": 40, **controls})
+    cli = json.loads(run_slm("generate", "--model", str(served), "--prompt", prompt, "--temperature", "0",
+                             "--max-new-tokens", "40", "--repetition-penalty", "1.5", "--frequency-penalty", "0.5",
+                             "--json").stdout)
+    assert penalised["result"] == completion.json()["choices"][0]["text"] == cli["text"] != plain["result"]
+    assert penalised["settings"]["repetition_penalty"] == 1.5 and penalised["settings"]["frequency_penalty"] == 0.5
+
+
 def test_untrained_model_answers_differently(api):
     body = {"input_text": "Once upon a time", "temperature": 0, "max_new_tokens": 20}
     untrained = post(api, "/predict", {**body, "model_type": "untrained"}).json()
@@ -157,6 +171,12 @@ def test_openai_client(api):
     ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "n": 2}, "n"),
     ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("/predict", {"input_text": "hi", "frequency_penalty": 2.5}, "frequency_penalty"),
+    ("/predict", {"input_text": "hi", "repetition_penalty": 0}, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "hi", "min_p": 1.5}, "min_p"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": -3}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 1}, "logprobs"),  # refused, not silently ignored
+    ("/v1/completions", {"prompt": "hi", "echo": True}, "echo"),
 ])
 def test_bad_requests_get_422_naming_the_field(api, path, body, field):
     r = post(api, path, body)

@@ -109,11 +109,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(503, "the model is not loaded or the engine is not running")
         return state["engine"]
 
-    def params_for(max_new: int, temperature: float, top_k, top_p, seed, stop=(), ignore_eos=False) -> SamplingParams:
+    def params_for(max_new: int, temperature: float, top_k, top_p, seed, stop=(), ignore_eos=False,
+                   controls: dict | None = None) -> SamplingParams:
         if max_new > settings.max_new_tokens:
             raise HTTPException(422, f"max_new_tokens/max_tokens: at most {settings.max_new_tokens}, got {max_new}")
         return SamplingParams(max_new, temperature, top_k or None, top_p, seed, tuple(stop or ()),
-                              stop_at_eot=not ignore_eos)
+                              stop_at_eot=not ignore_eos, **(controls or {}))
 
     def encode_prompt(text: str, field: str) -> list[int]:
         if len(text) > settings.max_prompt_chars:
@@ -185,7 +186,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/predict", response_model=PredictResponse)
     async def predict(body: PredictRequest, http: Request):
-        params = params_for(body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed)
+        params = params_for(body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed,
+                            controls=body.controls())
         ids = encode_prompt(body.input_text, "input_text")
         started = time.perf_counter()
         req = await submit(body.model_type, ids, params)
@@ -199,7 +201,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             generated_tokens=n, tokens_per_second=round(n / seconds, 2) if seconds > 0 else 0.0,
             finish_reason=seq.finish_reason or "length", prompt_truncated_tokens=seq.prompt_truncated,
             settings={"max_new_tokens": body.max_new_tokens, "temperature": body.temperature, "top_k": body.top_k,
-                      "top_p": body.top_p, "seed": body.seed, "kv_cache": body.model_type != "basic"},
+                      "top_p": body.top_p, "seed": body.seed, "kv_cache": body.model_type != "basic",
+                      **body.controls()},
         )
 
     def model_id() -> str:
@@ -208,7 +211,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request):
         params = params_for(body.max_tokens, body.temperature, body.top_k, body.top_p, body.seed, body.stop,
-                            body.ignore_eos)
+                            body.ignore_eos, body.controls())
         ids = encode_prompt(body.prompt, "prompt")
         started = time.perf_counter()
         req = await submit("cached", ids, params, stream=body.stream)

@@ -9,7 +9,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 ModelType = Literal["untrained", "basic", "cached"]
 
 
-class PredictRequest(BaseModel):
+class RepetitionControls(BaseModel):
+    """Penalties against repeating, and min-p (same meaning as in slm.generation.SamplingParams)."""
+
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+
+    def controls(self) -> dict:
+        return {k: getattr(self, k) for k in RepetitionControls.model_fields}
+
+
+class PredictRequest(RepetitionControls):
     """The original playground's request, plus generation settings."""
 
     model_config = ConfigDict(extra="forbid")
@@ -34,7 +46,7 @@ class PredictResponse(BaseModel):
     settings: dict
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(RepetitionControls):
     """OpenAI's /v1/completions, the parts that mean something for one small model."""
 
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
@@ -49,6 +61,21 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
     ignore_eos: bool = False  # vLLM's extension: generate past <|endoftext|> (fixed-length benchmarks)
+    logprobs: int | None = None  # refused below rather than silently ignored
+    echo: bool = False
+
+    @field_validator("logprobs")
+    @classmethod
+    def no_logprobs(cls, v: int | None) -> None:
+        if v is not None:
+            raise ValueError("logprobs is not supported by this server yet")
+
+    @field_validator("echo")
+    @classmethod
+    def no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported by this server yet")
+        return v
 
     @field_validator("prompt")
     @classmethod
