@@ -134,6 +134,7 @@ def test_streaming_sends_one_event_per_token_then_done(api):
     events = [json.loads(line[6:]) for line in lines[:-1]]
     assert events[-1]["choices"][0]["finish_reason"] == "length"
     assert events[-1]["usage"]["completion_tokens"] == 12
+    assert events[-1]["timing"]["seconds"] > 0 and events[-1]["timing"]["tokens_per_second"] > 0  # server-side
     pieces = [e["choices"][0]["text"] for e in events[:-1]]
     assert len(pieces) >= 10  # one event per token (a token that only starts a character waits for the next)
     whole = post(api, "/v1/completions", {**body, "stream": False}).json()["choices"][0]["text"]

@@ -54,11 +54,21 @@ def test_defaults(api, app_with):
 def test_basic_and_cached_answers_with_speedup(api, app_with):
     at = run_prompt(app_with(api), "Once upon a time there was", ["basic", "cached"])
     assert not at.exception and not at.error
-    answers = [m.value for m in at.markdown if m.value.strip()]
-    assert len(answers) >= 2 and answers[0] == answers[1]  # greedy: the same text with and without the cache
+    answers = [m.value for m in at.markdown if "slm-text" in m.value]
+    assert len(answers) == 2 and answers[0] == answers[1]  # greedy: the same text with and without the cache
+    # The prompt comes first, set apart; the text is HTML-escaped with line breaks kept, so no Markdown applies.
+    assert answers[0].startswith('<div class="slm-text"><span style="color:#888">Once upon a time there was</span>')
+    assert len(answers[0]) > len('<div class="slm-text"><span style="color:#888">Once upon a time there was</span>')
     captions = [c.value for c in at.caption if "tokens/s" in c.value]
     assert len(captions) == 2
     assert at.metric[0].label == "KV cache speedup" and at.metric[0].value.endswith("x")
+
+
+def test_markdown_characters_stay_text(api, app_with):
+    at = run_prompt(app_with(api), "# A *bold* <b>title</b>", ["basic"])
+    assert not at.exception and not at.error
+    answer = next(m.value for m in at.markdown if "slm-text" in m.value)
+    assert "# A *bold* &lt;b&gt;title&lt;/b&gt;" in answer and "\n" not in answer
 
 
 def test_untrained_alone_has_no_speedup(api, app_with):

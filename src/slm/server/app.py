@@ -224,6 +224,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         def openai_reason(seq) -> str:
             return "length" if seq.finish_reason == "length" else "stop"
 
+        def timing(n: int) -> dict:
+            """Measured in the server, as /predict's "time" is, so clients compare like with like."""
+            seconds = time.perf_counter() - started
+            return {"seconds": round(seconds, 4), "tokens_per_second": round(n / seconds, 2) if seconds else 0.0}
+
         if body.stream:
             async def sse() -> AsyncIterator[str]:
                 async for kind, payload in events(req, http):
@@ -239,6 +244,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         n = len(payload.generated)
                         final["usage"] = {"prompt_tokens": len(ids), "completion_tokens": n,
                                           "total_tokens": len(ids) + n}
+                        final["timing"] = timing(n)
                         yield f"data: {json.dumps(final)}\n\n"
                 yield "data: [DONE]\n\n"
 
@@ -250,6 +256,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.latency.labels("/v1/completions").observe(time.perf_counter() - started)
         out = chunk(seq.text, openai_reason(seq))
         out["usage"] = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+        out["timing"] = timing(n)
         return out
 
     @app.get("/v1/models")

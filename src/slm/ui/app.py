@@ -2,13 +2,15 @@
 
 Run with `slm ui`. It talks to the API over HTTP (SLM_API_URL, default http://127.0.0.1:8000): basic and
 untrained answers come from /predict, the cached answer streams token by token from /v1/completions.
+Times and the KV-cache speedup are the server's own generation times for both, so they compare like with like.
+Model output is shown as plain text after the prompt (never rendered as Markdown).
 """
 
 from __future__ import annotations
 
+import html
 import json
 import os
-import time
 
 import httpx
 import pandas as pd
@@ -18,6 +20,7 @@ API_URL = os.environ.get("SLM_API_URL", "http://127.0.0.1:8000").rstrip("/")
 API_KEY = os.environ.get("SLM_API_KEY", "")
 LABELS = {"untrained": "Untrained (random weights)", "basic": "Trained, no KV cache", "cached": "Trained + KV cache"}
 ORDER = ["untrained", "basic", "cached"]
+CONTROLS = ("repetition_penalty", "frequency_penalty", "presence_penalty")
 
 
 class ApiError(Exception):
@@ -52,12 +55,22 @@ def predict(model_type: str, prompt: str, settings: dict) -> dict:
     return r.json()
 
 
+def show(placeholder, prompt: str, text: str, cursor: bool = False) -> None:
+    """The prompt (grey) and the continuation as plain text: escaped, so `*` or `#` stay characters."""
+    def escape(s: str) -> str:
+        return html.escape(s).replace("\n", "<br>")
+
+    placeholder.markdown(f'<div class="slm-text"><span style="color:#888">{escape(prompt)}</span>'
+                         f'{escape(text)}{"▌" if cursor else ""}</div>', unsafe_allow_html=True)
+
+
 def stream_cached(prompt: str, settings: dict, placeholder) -> dict:
     """Stream the cached model's answer into `placeholder`; returns the same fields as /predict."""
+    controls = {k: settings[k] for k in CONTROLS}
     body = {"prompt": prompt, "max_tokens": settings["max_new_tokens"], "temperature": settings["temperature"],
-            "top_p": settings["top_p"] or 1.0, "top_k": settings["top_k"], "seed": settings["seed"], "stream": True}
-    text, usage, reason = "", {}, None
-    started = time.perf_counter()
+            "top_p": settings["top_p"] or 1.0, "top_k": settings["top_k"], "seed": settings["seed"], "stream": True,
+            **controls}
+    text, usage, reason, timing = "", {}, None, {}
     with httpx.stream("POST", f"{API_URL}/v1/completions", json=body, headers=headers(), timeout=300) as r:
         if r.status_code >= 400:
             r.read()
@@ -72,12 +85,11 @@ def stream_cached(prompt: str, settings: dict, placeholder) -> dict:
             text += choice["text"]
             reason = choice["finish_reason"] or reason
             usage = event.get("usage", usage)
-            placeholder.markdown(text + "▌")
-    seconds = time.perf_counter() - started
-    placeholder.markdown(text)
-    n = usage.get("completion_tokens", 0)
-    return {"result": text, "time": round(seconds, 4), "generated_tokens": n,
-            "tokens_per_second": round(n / seconds, 2) if seconds else 0.0, "finish_reason": reason}
+            timing = event.get("timing", timing)
+            show(placeholder, prompt, text, cursor=True)
+    show(placeholder, prompt, text)
+    return {"result": text, "time": timing.get("seconds", 0.0), "generated_tokens": usage.get("completion_tokens", 0),
+            "tokens_per_second": timing.get("tokens_per_second", 0.0), "finish_reason": reason}
 
 
 def sidebar() -> dict:
@@ -87,9 +99,18 @@ def sidebar() -> dict:
     top_k = st.sidebar.slider("Top-k (0 = off)", 0, 200, 0, key="top_k")
     top_p = st.sidebar.slider("Top-p", 0.05, 1.0, 1.0, 0.05, key="top_p")
     seed = st.sidebar.number_input("Seed (same seed, same text)", 0, 2**31 - 1, 42, key="seed")
+    st.sidebar.subheader("Repetition control")
+    repetition = st.sidebar.slider("Repetition penalty (1 = off)", 1.0, 2.0, 1.0, 0.05, key="repetition_penalty",
+                                   help="> 1 makes tokens already in the prompt or the answer less likely")
+    frequency = st.sidebar.slider("Frequency penalty", -2.0, 2.0, 0.0, 0.1, key="frequency_penalty",
+                                  help="lowers a token's score by this much for every time it was generated")
+    presence = st.sidebar.slider("Presence penalty", -2.0, 2.0, 0.0, 0.1, key="presence_penalty",
+                                 help="lowers a token's score by this much once it has been generated")
     st.sidebar.caption(f"API: {API_URL}")
     return {"max_new_tokens": int(max_new), "temperature": float(temperature), "top_k": int(top_k) or None,
-            "top_p": float(top_p) if top_p < 1.0 else None, "seed": int(seed)}
+            "top_p": float(top_p) if top_p < 1.0 else None, "seed": int(seed),
+            "repetition_penalty": float(repetition), "frequency_penalty": float(frequency),
+            "presence_penalty": float(presence)}
 
 
 def main() -> None:
@@ -121,7 +142,7 @@ def main() -> None:
                 else:
                     with st.spinner("generating..."):
                         out = predict(model_type, prompt, settings)
-                    box.markdown(out["result"])
+                    show(box, prompt, out["result"])
             except (httpx.HTTPError, ApiError) as e:
                 box.error(describe(e))
                 continue
@@ -131,7 +152,8 @@ def main() -> None:
     if "basic" in results and "cached" in results:
         basic, cached = results["basic"], results["cached"]
         speedup = basic["time"] / cached["time"] if cached["time"] else float("nan")
-        st.metric("KV cache speedup", f"{speedup:.1f}x", help="time without the cache / time with it")
+        st.metric("KV cache speedup", f"{speedup:.1f}x",
+                  help="generation time without the cache / with it, both measured in the server")
         chart = pd.DataFrame({"seconds": [basic["time"], cached["time"]]},
                              index=[LABELS["basic"], LABELS["cached"]])
         st.bar_chart(chart, horizontal=True)
