@@ -83,6 +83,24 @@ def test_root_health_models_metrics(api):
     assert httpx.get(f"{api}/openapi.json").json()["paths"]["/predict"]
 
 
+def metric_series(api: str, name: str) -> list[str]:
+    return [line for line in httpx.get(f"{api}/metrics").text.splitlines() if line.startswith(name + "{")]
+
+
+def test_metrics_label_by_route_not_by_url(api):
+    """40 random URLs add no new series: unknown paths are counted under one label, "other"."""
+    httpx.get(f"{api}/no-such-page")
+    before = metric_series(api, "slm_requests_total")
+    for i in range(40):
+        assert httpx.get(f"{api}/probe-{i}/{i * 7}").status_code == 404
+    after = metric_series(api, "slm_requests_total")
+    assert len(after) == len(before)
+    assert any('endpoint="other",status="404"' in line for line in after)
+    assert not any("probe-" in line for line in after)
+    post(api, "/predict", {"input_text": "Once", "max_new_tokens": 2})
+    assert any('endpoint="/predict",status="200"' in line for line in metric_series(api, "slm_requests_total"))
+
+
 def test_greedy_text_is_the_same_everywhere(api, served):
     prompt = "Once upon a time there was"
     body = {"input_text": prompt, "temperature": 0, "max_new_tokens": 40}
@@ -188,6 +206,8 @@ def test_bad_requests_get_422_naming_the_field(api, path, body, field):
 def test_malformed_bodies(api):
     r = httpx.post(f"{api}/predict", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422
+    error = r.json()
+    assert error["errors"][0]["field"] == "body" and error["detail"].startswith("body: invalid JSON at position 1")
     r = httpx.post(f"{api}/predict", content=b"x" * 2_000_000, headers={"content-type": "application/json"})
     assert r.status_code == 413
     assert httpx.get(f"{api}/health").status_code == 200  # still alive

@@ -21,7 +21,7 @@ OPEN_PATHS = ("/health", "/", "/docs", "/openapi.json", "/metrics")
 
 class Guard:
     def __init__(self, app: ASGIApp, api_key: str, max_body_bytes: int,
-                 count: Callable[[str, int], None]) -> None:
+                 count: Callable[[Scope, int], None]) -> None:
         self.app, self.api_key, self.max_body_bytes, self.count = app, api_key, max_body_bytes, count
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -31,7 +31,7 @@ class Guard:
         path, headers = scope["path"], Headers(scope=scope)
         refusal = self.refuse(path, headers)
         if refusal is not None:
-            self.count(path, refusal.status_code)
+            self.count(scope, refusal.status_code)
             await refusal(scope, receive, send)
             return
 
@@ -50,7 +50,7 @@ class Guard:
             if status is None:
                 await JSONResponse({"detail": "internal server error"}, status_code=500)(scope, receive, send)
             status = 500
-        self.count(path, status or 500)
+        self.count(scope, status or 500)  # routing has put the matched route into scope
 
     def refuse(self, path: str, headers: Headers) -> JSONResponse | None:
         """The response that turns the request away before anything reads its body, or None to let it in."""
