@@ -65,6 +65,18 @@ def test_user_mistakes_get_one_line_errors(args, message, trained):
     assert len(lines) == 1 and message in lines[0], r.stderr
 
 
+def test_a_preset_brings_its_training_recipe_and_flags_override_it(prepared, tmp_path):
+    args = ["train", "--data", str(prepared), "--preset", "cpu-7m", "--n-layer", "1", "--context-length", "32",
+            "--max-steps", "2", "--batch-size", "2", "--eval-interval", "2", "--eval-windows", "2", "--quiet"]
+    for extra, optimizer in (([], "muon"), (["--optimizer", "adamw"], "adamw")):
+        out = tmp_path / optimizer
+        r = run_slm(*args, "--out", str(out), *extra)
+        assert r.returncode == 0, r.stderr
+        saved = json.loads((out / "best" / "config.json").read_text())["training"]["train_config"]
+        assert saved["optimizer"] == optimizer and saved["warmup_steps"] == 40 and saved["muon_lr"] == 0.02
+    assert "trains by default with: --optimizer muon" in run_slm("info").stdout
+
+
 def test_unknown_preset_on_the_command_line(prepared, tmp_path):
     r = run_slm("train", "--data", str(prepared), "--out", str(tmp_path / "r"), "--preset", "huge")
     assert r.returncode == 2 and "unknown preset 'huge'; choose one of: seed-16m, slm-16m, llama-16m" in r.stderr

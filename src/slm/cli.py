@@ -29,6 +29,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, p in PRESETS.items():
         if p.why:
             print(f"\nwhy {name}: {p.why}")
+        if p.training:
+            recipe = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in p.training.items())
+            print(f"  trains by default with: {recipe}")
     return 0
 
 

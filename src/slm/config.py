@@ -131,6 +131,17 @@ PRESETS: dict[str, Preset] = {
         description="slm-16m's shape in the llama family: rotary positions, RMSNorm, SwiGLU (hidden 1024), no biases",
         why="The same width, depth and heads as slm-16m, with a SwiGLU width that keeps each block's parameters.",
     ),
+    "cpu-7m": Preset(
+        ModelConfig(vocab_size=8192, context_length=512, n_layer=6, n_head=4, d_model=256, arch="llama"),
+        tokenizer="trained",
+        description="for CPU training: llama, 6 layers, 4 heads of 64, d_model 256, trained with Muon",
+        why=(
+            "Measured on a 2-core CPU (docs/training-on-cpu.md): in 30 CPU minutes it reaches 1.712 validation "
+            "bits/byte where slm-16m (GPT-2, AdamW) reaches 1.940. It runs 1.6x more tokens per second and "
+            "learns more per token with Muon. `slm train --preset cpu-7m` uses the recipe it was measured with."
+        ),
+        training={"optimizer": "muon", "muon_lr": 0.02, "lr": 1.5e-3, "batch_size": 8, "warmup_steps": 40},
+    ),
     "tiny": Preset(
         ModelConfig(vocab_size=512, context_length=64, n_layer=3, n_head=3, d_model=96, dropout=0.0),
         tokenizer="trained",
