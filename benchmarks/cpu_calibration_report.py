@@ -22,13 +22,14 @@ def load_run(run: Path) -> dict:
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     config = json.loads((run / "last" / "config.json").read_text())
-    speed = float(np.percentile([r["tokens_per_s"] for r in train], 80))
+    speed = float(np.percentile([r["tokens_per_s"] for r in train], 80)) if train else float("nan")
     return {
         "name": run.name,
         "params": config["training"]["parameters"],
         "shape": config["model"],
         "optimizer": config["training"]["train_config"]["optimizer"],
         "steps": config["training"]["steps"],
+        "max_steps": config["training"]["train_config"]["max_steps"],
         "tokens_per_s": speed,
         "wall_min": evals[-1]["elapsed"] / 60,
         "curve": [(e["tokens"] / speed / 60, e["val_bpb"]) for e in evals],
@@ -84,7 +85,11 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/cpu-calibration.json")
     args = parser.parse_args()
     runs = [load_run(p) for p in sorted(Path(args.runs).iterdir()) if (p / "last" / "config.json").is_file()]
+    unfinished = [r["name"] for r in runs if r["steps"] < r["max_steps"]]
+    runs = [r for r in runs if r["steps"] >= r["max_steps"]]
     print(table(runs))
+    if unfinished:
+        print(f"\nnot finished (continue: RESUME=1 bash benchmarks/cpu_calibration.sh NAME): {', '.join(unfinished)}")
     plot(runs, Path(args.plot))
     Path(args.json).write_text(json.dumps(runs, indent=1) + "\n")
 
