@@ -186,7 +186,13 @@ def test_openai_client(api):
     ("/predict", {"input_text": "x" * 30_000}, "input_text"),
     ("/predict", {"input_text": 5}, "input_text"),
     ("/v1/completions", {"prompt": ""}, "prompt"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"prompt": []}, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], []]}, "prompt"),
+    ("/v1/completions", {"prompt": ["a"] * 33}, "prompt"),
+    ("/v1/completions", {"prompt": [5, 10**6]}, "prompt"),  # a token id outside the vocabulary
+    ("/v1/completions", {"prompt": [[5], [-1]]}, "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"], "stream": True}, "stream"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 1, "stream": True}, "stream"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "n": 2}, "n"),
     ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
@@ -194,13 +200,81 @@ def test_openai_client(api):
     ("/predict", {"input_text": "hi", "repetition_penalty": 0}, "repetition_penalty"),
     ("/v1/completions", {"prompt": "hi", "min_p": 1.5}, "min_p"),
     ("/v1/completions", {"prompt": "hi", "presence_penalty": -3}, "presence_penalty"),
-    ("/v1/completions", {"prompt": "hi", "logprobs": 1}, "logprobs"),  # refused, not silently ignored
-    ("/v1/completions", {"prompt": "hi", "echo": True}, "echo"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 6}, "logprobs"),
+    ("/detokenize", {"tokens": [10**6]}, "tokens"),
 ])
 def test_bad_requests_get_422_naming_the_field(api, path, body, field):
     r = post(api, path, body)
     assert r.status_code == 422, r.text
     assert field in r.json()["detail"]
+
+
+def test_prompt_forms_give_choices_in_order(api):
+    """OpenAI's four prompt forms: a string, strings, token ids, lists of token ids."""
+    texts = ["Once upon a time", "The little fox", "One day"]
+    ids = [post(api, "/tokenize", {"prompt": t}).json()["tokens"] for t in texts]
+    greedy = {"temperature": 0, "max_tokens": 8}
+    alone = [post(api, "/v1/completions", {"prompt": t, **greedy}).json()["choices"][0]["text"] for t in texts]
+    for prompt in (texts, ids):
+        out = post(api, "/v1/completions", {"prompt": prompt, **greedy}).json()
+        assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+        assert [c["text"] for c in out["choices"]] == alone
+        assert out["usage"]["prompt_tokens"] == sum(map(len, ids)) and out["usage"]["completion_tokens"] == 24
+    one = post(api, "/v1/completions", {"prompt": ids[1], **greedy}).json()
+    assert len(one["choices"]) == 1 and one["choices"][0]["text"] == alone[1]
+
+
+def test_tokenizer_endpoints(api, served):
+    from slm.checkpoint import load
+
+    _, tokenizer = load(served)
+    text = "Once upon a time, a fox."
+    out = post(api, "/tokenize", {"prompt": text, "add_special_tokens": False}).json()
+    assert out["tokens"] == tokenizer.encode(text) and out["count"] == len(out["tokens"]) and out["max_model_len"] > 0
+    assert post(api, "/detokenize", {"tokens": out["tokens"]}).json()["prompt"] == text
+    info = httpx.get(f"{api}/tokenizer_info").json()
+    assert post(api, "/tokenize", {"prompt": info["eos_token"]}).json()["tokens"] == [tokenizer.eot_id]
+
+
+def test_echo_logprobs_are_the_models_own(api, served):
+    """echo + logprobs with max_tokens 0 scores a text: the same numbers as slm eval's forward pass, also
+    past the context (sliding window)."""
+    from slm.checkpoint import load
+    from slm.evaluate import score_token_logprobs, score_tokens
+
+    model, tokenizer = load(served)
+    text = "Once upon a time there was a little fox named Tom. He went to the woods. " * 8
+    ids = tokenizer.encode(text)
+    assert len(ids) > 2 * model.config.context_length
+    out = post(api, "/v1/completions", {"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 2}).json()
+    lp = out["choices"][0]["logprobs"]
+    assert out["choices"][0]["text"] == text and out["usage"]["completion_tokens"] == 0
+    assert len(lp["tokens"]) == len(ids) and "".join(lp["tokens"]) == text
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    expected = score_token_logprobs(model, ids, 2)
+    assert lp["token_logprobs"][1:] == pytest.approx(expected.logprobs, abs=1e-4)
+    nll, count = score_tokens(model, ids)
+    assert -sum(lp["token_logprobs"][1:]) == pytest.approx(nll, abs=1e-3) and count == len(ids) - 1
+    for token, chosen, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:], strict=True):
+        assert token in top and top[token] == chosen and 1 <= len(top) <= 3
+        assert max(top.values()) >= chosen and all(v <= 0 for v in top.values())
+    assert all(text[o:].startswith(t) for o, t in zip(lp["text_offset"], lp["tokens"], strict=True))
+
+
+def test_generation_logprobs(api):
+    prompt = "Once upon a time"
+    out = post(api, "/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 1,
+                                        "ignore_eos": True}).json()
+    choice = out["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == 6 and "".join(lp["tokens"]) == choice["text"]
+    assert lp["text_offset"][0] == 0
+    for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert chosen == max(top.values())  # greedy: the chosen token is the most likely one
+    echoed = post(api, "/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 1,
+                                           "ignore_eos": True, "echo": True}).json()["choices"][0]
+    assert echoed["text"] == prompt + choice["text"]
+    assert echoed["logprobs"]["token_logprobs"][-6:] == pytest.approx(lp["token_logprobs"], abs=1e-5)
 
 
 def test_malformed_bodies(api):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,43 +13,65 @@ from slm.model import GPT
 from slm.tokenizer import Tokenizer
 
 
-@torch.inference_mode()
-def score_tokens(model: GPT, ids: list[int], batch_size: int = 8, stride: int | None = None) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) of ``ids[1:]`` given what precedes each, and the count.
-
-    Windows of ``context`` tokens advance by ``stride``; each target is scored once, in the first window
-    that reaches it, so every prediction after the first window sees at least ``context - stride`` tokens.
-    """
-    context = model.config.context_length
-    stride = stride or max(1, context // 2)
+def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int]]:
+    """(begin, first scored offset) of each window over ``n_tokens`` ids; each target is scored once, in the
+    first window that reaches it, so every prediction after the first window sees >= ``context - stride``
+    tokens."""
     if not 1 <= stride <= context:
         raise ValueError(f"stride must be in [1, {context}], got {stride}")
-    windows: list[tuple[int, int]] = []  # (begin, first target offset within the window)
+    windows: list[tuple[int, int]] = []
     scored = 0  # targets ids[1 .. scored] are done
     begin = 0
-    while scored < len(ids) - 1:
-        end = min(begin + context, len(ids) - 1)  # inputs ids[begin:end] predict ids[begin+1:end+1]
+    while scored < n_tokens - 1:
+        end = min(begin + context, n_tokens - 1)  # inputs ids[begin:end] predict ids[begin+1:end+1]
         windows.append((begin, scored - begin))
         scored = end
         begin += stride
+    return windows
+
+
+@dataclass
+class TokenScores:
+    """Log-probabilities (nats) of ``ids[1:]``, each given what precedes it, and optionally each position's
+    ``top_n`` most likely tokens as (ids, log-probabilities), most likely first."""
+
+    logprobs: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@torch.inference_mode()
+def score_token_logprobs(model: GPT, ids: list[int], top_n: int = 0, batch_size: int = 8,
+                         stride: int | None = None) -> TokenScores:
+    """The model's log-probability of every token after the first, with a sliding window past the context
+    (the forward pass of `slm eval` and of the server's ``logprobs``/``echo``)."""
+    context = model.config.context_length
+    windows = sliding_windows(len(ids), context, stride or max(1, context // 2))
     device = model.wte.weight.device
-    total, count = 0.0, 0
+    scores = TokenScores([], [], [])
     for i in range(0, len(windows), batch_size):
         chunk = windows[i : i + batch_size]
         x = torch.zeros(len(chunk), context, dtype=torch.long)
-        y = torch.full((len(chunk), context), -100, dtype=torch.long)  # -100: not scored
-        for row, (b, first) in enumerate(chunk):
-            inp = ids[b : b + context]
-            tgt = ids[b + 1 : b + 1 + context][: len(inp)]
-            inp = inp[: len(tgt)]
+        for row, (b, _) in enumerate(chunk):
+            inp = ids[b : min(b + context, len(ids) - 1)]
             x[row, : len(inp)] = torch.tensor(inp)
-            y[row, first : len(tgt)] = torch.tensor(tgt[first:])
-        logits = model(x.to(device)).float()
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum",
-                                                 ignore_index=-100)
-        total += float(loss)
-        count += int((y != -100).sum())
-    return total, count
+        logprobs = torch.log_softmax(model(x.to(device)).float(), dim=-1)
+        for row, (b, first) in enumerate(chunk):
+            n = min(context, len(ids) - 1 - b)  # targets ids[b+1 : b+1+n]
+            rows = logprobs[row, first:n]
+            targets = torch.tensor(ids[b + 1 + first : b + 1 + n], device=rows.device)
+            scores.logprobs += rows.gather(1, targets[:, None])[:, 0].tolist()
+            if top_n:
+                top = rows.topk(top_n, dim=-1)
+                scores.top_ids += top.indices.tolist()
+                scores.top_logprobs += top.values.tolist()
+    return scores
+
+
+def score_tokens(model: GPT, ids: list[int], batch_size: int = 8, stride: int | None = None) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of ``ids[1:]`` given what precedes each, and the count."""
+    logprobs = score_token_logprobs(model, ids, 0, batch_size, stride).logprobs
+    return -math.fsum(logprobs), len(logprobs)
 
 
 def metrics(name: str, nll: float, tokens: int, n_bytes: int) -> dict:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slm.evaluate import TokenScores, score_token_logprobs
 from slm.generation import Engine, SamplingParams, SequenceState
 from slm.model import GPT
 from slm.tokenizer import Tokenizer
@@ -43,6 +44,15 @@ class Request:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
 
 
+@dataclass
+class ScoreJob:
+    """Log-probabilities of a token sequence (``logprobs``/``echo``), run on the worker between decode steps."""
+
+    ids: list[int]
+    top_n: int
+    future: asyncio.Future
+
+
 def deliver(events: list[tuple[Request, str, object]]) -> None:
     """Hand a decode step's events to their requests: one wake-up of each event loop per step, not one per
     request, which matters when the event loop and the model share a few cores."""
@@ -51,6 +61,16 @@ def deliver(events: list[tuple[Request, str, object]]) -> None:
         by_loop.setdefault(event[0].loop, []).append(event)
     for loop, batch in by_loop.items():
         loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _resolve(future: asyncio.Future, result: object) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _fail(future: asyncio.Future, message: str) -> None:
+    if not future.done():
+        future.set_exception(RuntimeError(message))
 
 
 def _put_all(batch: list[tuple[Request, str, object]]) -> None:
@@ -70,6 +90,7 @@ class ServingEngine:
         self.metrics = metrics
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}  # id(seq) -> request
+        self._scoring: collections.deque[ScoreJob] = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stop = False
@@ -91,6 +112,10 @@ class ServingEngine:
         return self._thread.is_alive() and self.error is None
 
     @property
+    def context_length(self) -> int:
+        return self.engines["cached"].model.config.context_length
+
+    @property
     def queue_depth(self) -> int:
         return len(self._waiting)
 
@@ -100,6 +125,16 @@ class ServingEngine:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
             self._waiting.append(request)
             self._wake.notify()
+
+    def score(self, ids: list[int], top_n: int = 0) -> asyncio.Future[TokenScores]:
+        """Queue a scoring pass on the trained model; await the returned future for its TokenScores."""
+        job = ScoreJob(ids, top_n, asyncio.get_running_loop().create_future())
+        with self._wake:
+            if len(self._scoring) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} scoring requests waiting); retry later")
+            self._scoring.append(job)
+            self._wake.notify()
+        return job.future
 
     def cancel(self, request: Request) -> None:
         request.cancelled = True  # the worker drops it before its next step
@@ -112,11 +147,14 @@ class ServingEngine:
             with torch.inference_mode():
                 while True:
                     with self._wake:
-                        while not self._stop and not self._waiting and not self._running:
+                        while not self._stop and not self._waiting and not self._running and not self._scoring:
                             self._wake.wait()
                         if self._stop:
                             return
                         self._admit()
+                        job = self._scoring.popleft() if self._scoring else None
+                    if job is not None:  # one scoring pass per round, so decoding keeps flowing
+                        self._score(job)
                     self._reap()
                     for name, engine in self.engines.items():
                         if engine.active:
@@ -125,7 +163,19 @@ class ServingEngine:
             self.error = e
             for req in list(self._running.values()) + list(self._waiting):
                 req.emit("error", "the generation engine failed; see the server log")
+            for job in self._scoring:
+                job.future.get_loop().call_soon_threadsafe(_fail, job.future, "the generation engine failed")
             raise
+
+    def _score(self, job: ScoreJob) -> None:
+        if job.future.cancelled():
+            return
+        try:
+            result = score_token_logprobs(self.engines["cached"].model, job.ids, job.top_n)
+        except ValueError as e:
+            job.future.get_loop().call_soon_threadsafe(_fail, job.future, str(e))
+            return
+        job.future.get_loop().call_soon_threadsafe(_resolve, job.future, result)
 
     def _admit(self) -> None:
         """Move waiting requests into free batch slots (called with the lock held)."""

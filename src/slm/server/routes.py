@@ -18,11 +18,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import slm
+from slm.evaluate import TokenScores
 from slm.generation import SamplingParams, SequenceState
 from slm.server.engine import QueueFull, ServingEngine
 from slm.server.engine import Request as GenRequest
 from slm.server.metrics import Metrics
-from slm.server.schemas import CompletionRequest, PredictRequest, PredictResponse
+from slm.server.schemas import (
+    CompletionRequest,
+    DetokenizeRequest,
+    PredictRequest,
+    PredictResponse,
+    TokenizeRequest,
+)
 from slm.server.settings import Settings
 
 router = APIRouter()
@@ -170,46 +177,152 @@ class Completion:
         self.id, self.created, self.model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), s.model_id()
         self.prompt_tokens, self.started = prompt_tokens, time.perf_counter()
 
+    def response(self, choices: list[dict], completion_tokens: int) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices,
+                "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": self.prompt_tokens + completion_tokens},
+                "timing": timing(self.started, completion_tokens)}
+
     def chunk(self, text: str, finish: str | None) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+                "choices": [choice(0, text, finish)]}
 
-    def final(self, text: str, seq: SequenceState) -> dict:
-        n = len(seq.generated)
-        out = self.chunk(text, "length" if seq.finish_reason == "length" else "stop")
-        out["usage"] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": n,
-                        "total_tokens": self.prompt_tokens + n}
-        out["timing"] = timing(self.started, n)
-        return out
+
+def choice(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
+
+
+def finish_reason(seq: SequenceState | None) -> str:
+    return "length" if seq is None or seq.finish_reason == "length" else "stop"
+
+
+def prompt_ids(s: Served, prompt: str | list[int], field: str) -> list[int]:
+    if isinstance(prompt, str):
+        return encode_prompt(s, prompt, field)
+    vocab = running_engine(s).tokenizer.vocab_size
+    bad = next((t for t in prompt if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise HTTPException(422, f"{field}: token id {bad} is outside the vocabulary (0..{vocab - 1})")
+    return list(prompt)
+
+
+def logprobs_object(tokenizer, ids: list[int], scores: TokenScores, first: int) -> dict:
+    """OpenAI's logprobs for ``ids[first:]``: tokens, their log-probabilities (None for the very first token,
+    which nothing predicts), the top alternatives plus the chosen token, and character offsets into the
+    returned text."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    decoder, offset = tokenizer.stream_decoder(), 0
+    for j, token in enumerate(ids):
+        if j >= first:
+            out["tokens"].append(tokenizer.decode([token]))
+            out["text_offset"].append(offset)
+            if j == 0:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+            else:
+                top = {}
+                for t, lp in zip(scores.top_ids[j - 1] if scores.top_ids else [], scores.top_logprobs[j - 1]
+                                 if scores.top_logprobs else [], strict=True):
+                    top.setdefault(tokenizer.decode([t]), lp)
+                top.setdefault(tokenizer.decode([token]), scores.logprobs[j - 1])
+                out["token_logprobs"].append(scores.logprobs[j - 1])
+                out["top_logprobs"].append(top)
+        offset += len(decoder.push(token)) if j >= first else 0
+    return out
+
+
+async def complete_one(s: Served, index: int, prompt: str | list[int], ids: list[int], body: CompletionRequest,
+                       params: SamplingParams | None, http: Request) -> tuple[dict, int, int]:
+    """One prompt's choice, with its prompt and completion token counts."""
+    seq = await run_to_end(s, submit(s, "cached", ids, params), http) if params else None
+    generated = seq.generated if seq else []
+    text = seq.text if seq else ""
+    logprobs = None
+    if body.logprobs is not None:
+        everything = ids + generated
+        try:
+            scores = await running_engine(s).score(everything, body.logprobs)
+        except QueueFull as e:
+            raise HTTPException(429, str(e)) from e
+        logprobs = logprobs_object(running_engine(s).tokenizer, everything, scores, 0 if body.echo else len(ids))
+    if body.echo:
+        text = (prompt if isinstance(prompt, str) else running_engine(s).tokenizer.decode(ids)) + text
+    return choice(index, text, finish_reason(seq), logprobs), len(ids), len(generated)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, http: Request, s: Served = Depends(served)):
-    params = sampling_params(s, body.max_tokens, body.temperature, body.top_k, body.top_p, body.seed, body.stop,
-                             body.ignore_eos, body.controls())
-    ids = encode_prompt(s, body.prompt, "prompt")
+    params = None
+    if body.max_tokens > 0:
+        params = sampling_params(s, body.max_tokens, body.temperature, body.top_k, body.top_p, body.seed,
+                                 body.stop, body.ignore_eos, body.controls())
+    prompts = body.prompts()
+    if body.stream:
+        return stream_completion(s, body, prompts[0], params, http)
+    started = time.perf_counter()
+    # Every prompt is checked before any is submitted, so a bad one costs no generation.
+    fields = ["prompt"] if isinstance(body.prompt, str) else [f"prompt[{i}]" for i in range(len(prompts))]
+    ids = [prompt_ids(s, p, f) for p, f in zip(prompts, fields, strict=True)]
+    results = await asyncio.gather(*(complete_one(s, i, p, ids[i], body, params, http)
+                                     for i, p in enumerate(prompts)))
+    completion = Completion(s, sum(r[1] for r in results))
+    completion.started = started
+    n = sum(r[2] for r in results)
+    s.metrics.generated("cached", "/v1/completions", n, time.perf_counter() - started)
+    return completion.response([r[0] for r in results], n)
+
+
+def stream_completion(s: Served, body: CompletionRequest, prompt: str | list[int], params: SamplingParams | None,
+                      http: Request) -> StreamingResponse:
+    ids = prompt_ids(s, prompt, "prompt")
     completion = Completion(s, len(ids))
-    req = submit(s, "cached", ids, params, stream=body.stream)
-    if not body.stream:
-        seq = await run_to_end(s, req, http)
-        s.metrics.generated("cached", "/v1/completions", len(seq.generated), time.perf_counter() - completion.started)
-        return completion.final(seq.text, seq)
+    req = submit(s, "cached", ids, params, stream=True) if params else None
 
     async def sse() -> AsyncIterator[str]:
-        async for kind, payload in events(s, req, http):
-            if kind == "text":
-                yield f"data: {json.dumps(completion.chunk(payload, None))}\n\n"
-            elif kind == "error":
-                yield f"data: {json.dumps({'error': {'message': str(payload)}})}\n\n"
-                return
-            elif kind == "done" and payload is not None:
-                s.metrics.generated("cached", "/v1/completions", len(payload.generated),
-                                    time.perf_counter() - completion.started)
-                yield f"data: {json.dumps(completion.final('', payload))}\n\n"
+        if body.echo:
+            echoed = prompt if isinstance(prompt, str) else running_engine(s).tokenizer.decode(ids)
+            yield f"data: {json.dumps(completion.chunk(echoed, None))}\n\n"
+        if req is None:
+            yield f"data: {json.dumps(completion.response([choice(0, '', 'length')], 0))}\n\n"
+        else:
+            async for kind, payload in events(s, req, http):
+                if kind == "text":
+                    yield f"data: {json.dumps(completion.chunk(payload, None))}\n\n"
+                elif kind == "error":
+                    yield f"data: {json.dumps({'error': {'message': str(payload)}})}\n\n"
+                    return
+                elif kind == "done" and payload is not None:
+                    n = len(payload.generated)
+                    s.metrics.generated("cached", "/v1/completions", n, time.perf_counter() - completion.started)
+                    yield f"data: {json.dumps(completion.response([choice(0, '', finish_reason(payload))], n))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(sse(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, s: Served = Depends(served)):
+    """vLLM's /tokenize (lm-evaluation-harness uses it to tokenize with the server's own tokenizer)."""
+    tokens = running_engine(s).tokenizer.encode(body.prompt)
+    return {"count": len(tokens), "max_model_len": running_engine(s).context_length, "tokens": tokens}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, s: Served = Depends(served)):
+    tokenizer = running_engine(s).tokenizer
+    prompt_ids(s, body.tokens, "tokens")
+    return {"prompt": tokenizer.decode(body.tokens)}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(s: Served = Depends(served)):
+    engine = running_engine(s)
+    eot = engine.tokenizer.decode([engine.tokenizer.eot_id]) if engine.tokenizer.eot_id is not None else None
+    return {"tokenizer_class": "byte-level BPE", "kind": engine.tokenizer.kind, "vocab_size":
+            engine.tokenizer.vocab_size, "eos_token": eot, "bos_token": None, "pad_token": None,
+            "model_max_length": engine.context_length}
 
 
 @router.get("/v1/models")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ModelType = Literal["untrained", "basic", "cached"]
 
@@ -46,13 +46,18 @@ class PredictResponse(BaseModel):
     settings: dict
 
 
+MAX_PROMPTS = 32  # prompts in one /v1/completions request
+Prompt = str | list[int]  # text, or token ids
+
+
 class CompletionRequest(RepetitionControls):
     """OpenAI's /v1/completions, the parts that mean something for one small model."""
 
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
     model: str | None = None
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
+    # OpenAI's four forms: a string, strings, token ids, lists of token ids (read by `prompts()`).
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=0)  # 0: no generation (with echo: score the prompt)
     temperature: float = Field(1.0, ge=0.0, le=5.0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
@@ -61,30 +66,22 @@ class CompletionRequest(RepetitionControls):
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
     ignore_eos: bool = False  # vLLM's extension: generate past <|endoftext|> (fixed-length benchmarks)
-    logprobs: int | None = None  # refused below rather than silently ignored
-    echo: bool = False
-
-    @field_validator("logprobs")
-    @classmethod
-    def no_logprobs(cls, v: int | None) -> None:
-        if v is not None:
-            raise ValueError("logprobs is not supported by this server yet")
-
-    @field_validator("echo")
-    @classmethod
-    def no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported by this server yet")
-        return v
+    logprobs: int | None = Field(None, ge=0, le=5)  # log-probabilities of each token and its top-N rivals
+    echo: bool = False  # return the prompt in front of the completion (with its log-probabilities)
 
     @field_validator("prompt")
     @classmethod
-    def one_prompt(cls, v: str | list[str]) -> str:
+    def some_prompt(cls, v: str | list) -> str | list:
         if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("give exactly one prompt (a string, or a list of one string)")
-            v = v[0]
-        if not v:
+            if not v:
+                raise ValueError("the prompt list is empty")
+            prompts = v if isinstance(v[0], str | list) else [v]
+            if len(prompts) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+            for i, p in enumerate(prompts):
+                if not p:
+                    raise ValueError(f"prompt {i} is empty")
+        elif not v:
             raise ValueError("the prompt is empty")
         return v
 
@@ -95,3 +92,30 @@ class CompletionRequest(RepetitionControls):
         if len(v) > 4:
             raise ValueError("at most 4 stop strings")
         return v
+
+    @model_validator(mode="after")
+    def streamable(self) -> CompletionRequest:
+        if self.stream and len(self.prompts()) > 1:
+            raise ValueError("stream: one prompt per streamed request")
+        if self.stream and self.logprobs is not None:
+            raise ValueError("stream: logprobs are returned by non-streamed requests only")
+        return self
+
+    def prompts(self) -> list[Prompt]:
+        """The prompts, each a string or a list of token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        return self.prompt if isinstance(self.prompt[0], str | list) else [self.prompt]
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body (``add_special_tokens`` is accepted; this tokenizer adds none)."""
+
+    model: str | None = None
+    prompt: str = Field(max_length=1_000_000)
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)
