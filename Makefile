@@ -42,7 +42,7 @@ screenshot: install system-deps
 	SLM_SCREENSHOT=$(CURDIR)/docs/playground.png $(PY) -m pytest -q tests/test_ui.py -k browser
 
 demo: install
-	@test -d models/slm-16m-stories || { echo "the bundled model models/slm-16m-stories is missing"; exit 1; }
+	@$(PY) -c "from slm.checkpoint import resolve; import sys; p = resolve('default'); sys.exit(0 if p.is_dir() else f'the bundled model {p} is missing')"
 	$(PY) -m slm.demo --api-port $(API_PORT) --ui-port $(UI_PORT)
 
 bench: install

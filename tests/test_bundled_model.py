@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import slm
-from slm.checkpoint import models_dir
+from slm.checkpoint import DEFAULT_MODEL, models_dir
 from slm.evaluate import evaluate_text
 from slm.generation import generate
 from slm.model import GPT
@@ -24,7 +24,7 @@ STORY = (
 
 
 def test_bundled_model_directory():
-    path = models_dir() / "slm-16m-stories"
+    path = models_dir() / DEFAULT_MODEL
     files = {p.name: p.stat().st_size for p in path.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(files)
     assert sum(files.values()) < 40e6
@@ -36,7 +36,8 @@ def test_bundled_model_directory():
 @pytest.mark.slow
 def test_loads_by_default_and_decodes_the_same_with_and_without_cache():
     model, tok = slm.load("default")
-    assert 15e6 < model.num_parameters() < 17e6 and tok.vocab_size == 8192
+    meta = json.loads((models_dir() / DEFAULT_MODEL / "config.json").read_text())
+    assert model.num_parameters() == meta["training"]["parameters"] and tok.vocab_size == 8192
     prompt = [tok.encode("Once upon a time")]
     cached = generate(model, prompt, max_new_tokens=80, temperature=0, use_cache=True)
     plain = generate(model, prompt, max_new_tokens=80, temperature=0, use_cache=False)
