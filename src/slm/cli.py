@@ -177,6 +177,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from slm.gguf_export import export_gguf
+
+    model, tokenizer = _load_model(args.model)
+    path = export_gguf(model, tokenizer, args.out, args.dtype, name=Path(str(args.model)).name)
+    print(f"wrote {path} ({model.config.arch}, {args.dtype}, {path.stat().st_size:,} bytes)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from slm.server.app import run_server
 
@@ -313,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("export-gguf", help="write a GGUF file for llama.cpp and ollama")
+    _model_arg(p)
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16"], help="matrices in f32 or f16")
+    p.set_defaults(func=cmd_export_gguf)
     return parser
 
 
