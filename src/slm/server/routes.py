@@ -173,9 +173,9 @@ async def predict(body: PredictRequest, http: Request, s: Served = Depends(serve
 class Completion:
     """OpenAI's text_completion objects for one request."""
 
-    def __init__(self, s: Served, prompt_tokens: int) -> None:
+    def __init__(self, s: Served, prompt_tokens: int, started: float | None = None) -> None:
         self.id, self.created, self.model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), s.model_id()
-        self.prompt_tokens, self.started = prompt_tokens, time.perf_counter()
+        self.prompt_tokens, self.started = prompt_tokens, started or time.perf_counter()
 
     def response(self, choices: list[dict], completion_tokens: int) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
@@ -210,26 +210,26 @@ def prompt_ids(s: Served, prompt: str | list[int], field: str) -> list[int]:
 def logprobs_object(tokenizer, ids: list[int], scores: TokenScores, first: int) -> dict:
     """OpenAI's logprobs for ``ids[first:]``: tokens, their log-probabilities (None for the very first token,
     which nothing predicts), the top alternatives plus the chosen token, and character offsets into the
-    returned text."""
+    returned text (which starts at ``ids[first]``)."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     decoder, offset = tokenizer.stream_decoder(), 0
-    for j, token in enumerate(ids):
-        if j >= first:
-            out["tokens"].append(tokenizer.decode([token]))
-            out["text_offset"].append(offset)
-            if j == 0:
-                out["token_logprobs"].append(None)
-                out["top_logprobs"].append(None)
-            else:
-                top = {}
-                for t, lp in zip(scores.top_ids[j - 1] if scores.top_ids else [], scores.top_logprobs[j - 1]
-                                 if scores.top_logprobs else [], strict=True):
-                    top.setdefault(tokenizer.decode([t]), lp)
-                top.setdefault(tokenizer.decode([token]), scores.logprobs[j - 1])
-                out["token_logprobs"].append(scores.logprobs[j - 1])
-                out["top_logprobs"].append(top)
-        offset += len(decoder.push(token)) if j >= first else 0
+    for j in range(first, len(ids)):
+        out["tokens"].append(tokenizer.decode([ids[j]]))
+        out["text_offset"].append(offset)
+        offset += len(decoder.push(ids[j]))
+        chosen = scores.logprobs[j - 1] if j > 0 else None  # logprobs[j - 1] is the log-probability of ids[j]
+        out["token_logprobs"].append(chosen)
+        out["top_logprobs"].append(None if j == 0 else top_alternatives(tokenizer, scores, j, ids[j]))
     return out
+
+
+def top_alternatives(tokenizer, scores: TokenScores, j: int, token: int) -> dict[str, float]:
+    top: dict[str, float] = {}
+    if scores.top_ids:
+        for t, lp in zip(scores.top_ids[j - 1], scores.top_logprobs[j - 1], strict=True):
+            top.setdefault(tokenizer.decode([t]), lp)  # two ids may decode alike (parts of one character)
+    top.setdefault(tokenizer.decode([token]), scores.logprobs[j - 1])  # OpenAI: the chosen token is always there
+    return top
 
 
 async def complete_one(s: Served, index: int, prompt: str | list[int], ids: list[int], body: CompletionRequest,
@@ -266,8 +266,7 @@ async def completions(body: CompletionRequest, http: Request, s: Served = Depend
     ids = [prompt_ids(s, p, f) for p, f in zip(prompts, fields, strict=True)]
     results = await asyncio.gather(*(complete_one(s, i, p, ids[i], body, params, http)
                                      for i, p in enumerate(prompts)))
-    completion = Completion(s, sum(r[1] for r in results))
-    completion.started = started
+    completion = Completion(s, sum(r[1] for r in results), started)
     n = sum(r[2] for r in results)
     s.metrics.generated("cached", "/v1/completions", n, time.perf_counter() - started)
     return completion.response([r[0] for r in results], n)
