@@ -18,7 +18,7 @@ from slm.model import GPT
 from slm.tokenizer import Tokenizer, TokenizerError
 
 FORMAT = "slm-checkpoint"
-DEFAULT_MODEL = "slm-16m-stories"
+DEFAULT_MODEL = "slm-7m-stories"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
 

@@ -17,6 +17,9 @@ import pandas as pd
 import streamlit as st
 
 API_URL = os.environ.get("SLM_API_URL", "http://127.0.0.1:8000").rstrip("/")
+# Chosen by benchmarks/penalty_sweep.py on the bundled model: 1.1 cuts repeated 3-grams in greedy answers from
+# 47% to 13% for 0.013 bits/byte of held-out likelihood; stronger settings cost more (README, "Repetition control").
+REPETITION_DEFAULT = 1.1
 API_KEY = os.environ.get("SLM_API_KEY", "")
 LABELS = {"untrained": "Untrained (random weights)", "basic": "Trained, no KV cache", "cached": "Trained + KV cache"}
 ORDER = ["untrained", "basic", "cached"]
@@ -100,7 +103,8 @@ def sidebar() -> dict:
     top_p = st.sidebar.slider("Top-p", 0.05, 1.0, 1.0, 0.05, key="top_p")
     seed = st.sidebar.number_input("Seed (same seed, same text)", 0, 2**31 - 1, 42, key="seed")
     st.sidebar.subheader("Repetition control")
-    repetition = st.sidebar.slider("Repetition penalty (1 = off)", 1.0, 2.0, 1.0, 0.05, key="repetition_penalty",
+    repetition = st.sidebar.slider("Repetition penalty (1 = off)", 1.0, 2.0, REPETITION_DEFAULT, 0.05,
+                                   key="repetition_penalty",
                                    help="> 1 makes tokens already in the prompt or the answer less likely")
     frequency = st.sidebar.slider("Frequency penalty", -2.0, 2.0, 0.0, 0.1, key="frequency_penalty",
                                   help="lowers a token's score by this much for every time it was generated")
