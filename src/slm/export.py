@@ -61,17 +61,24 @@ def gpt2_state(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
+def split_llama_block(block, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A llama block's fused matrices as separate ones: q, k, v (from c_attn), gate, up (from c_fc)."""
+    c = config
+    q, k, v = block.attn.c_attn.weight.split([c.n_head * c.head_dim, c.kv_heads * c.head_dim,
+                                              c.kv_heads * c.head_dim])
+    gate, up = block.mlp.c_fc.weight.chunk(2)
+    return {"q": q, "k": k, "v": v, "gate": gate, "up": up}
+
+
 def llama_state(model: GPT) -> dict[str, torch.Tensor]:
-    c = model.config
     state = {"model.embed_tokens.weight": model.wte.weight, "lm_head.weight": model.wte.weight,
              "model.norm.weight": model.ln_f.weight}
     for i, block in enumerate(model.h):
         prefix = f"model.layers.{i}."
-        sizes = [c.n_head * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim]
-        for proj, w in zip("qkv", block.attn.c_attn.weight.split(sizes), strict=True):
-            state[f"{prefix}self_attn.{proj}_proj.weight"] = w
-        gate, up = block.mlp.c_fc.weight.chunk(2)
-        state[f"{prefix}mlp.gate_proj.weight"], state[f"{prefix}mlp.up_proj.weight"] = gate, up
+        parts = split_llama_block(block, model.config)
+        for proj in "qkv":
+            state[f"{prefix}self_attn.{proj}_proj.weight"] = parts[proj]
+        state[f"{prefix}mlp.gate_proj.weight"], state[f"{prefix}mlp.up_proj.weight"] = parts["gate"], parts["up"]
         for ours, theirs in LLAMA_NAMES.items():
             state[prefix + theirs] = block.get_parameter(ours)
     return state

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slm.export import split_llama_block
 from slm.model import GPT
 from slm.tokenizer import Tokenizer
 
@@ -52,18 +53,16 @@ def llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
     out = {"token_embd.weight": model.wte.weight, "output_norm.weight": model.ln_f.weight,
            "output.weight": model.wte.weight}
     for i, block in enumerate(model.h):
-        q, k, v = block.attn.c_attn.weight.split([c.n_head * c.head_dim, c.kv_heads * c.head_dim,
-                                                  c.kv_heads * c.head_dim])
-        gate, up = block.mlp.c_fc.weight.chunk(2)
+        parts = split_llama_block(block, c)
         out.update({
             f"blk.{i}.attn_norm.weight": block.ln_1.weight,
-            f"blk.{i}.attn_q.weight": interleave_rotary(q, c.n_head),
-            f"blk.{i}.attn_k.weight": interleave_rotary(k, c.kv_heads),
-            f"blk.{i}.attn_v.weight": v,
+            f"blk.{i}.attn_q.weight": interleave_rotary(parts["q"], c.n_head),
+            f"blk.{i}.attn_k.weight": interleave_rotary(parts["k"], c.kv_heads),
+            f"blk.{i}.attn_v.weight": parts["v"],
             f"blk.{i}.attn_output.weight": block.attn.c_proj.weight,
             f"blk.{i}.ffn_norm.weight": block.ln_2.weight,
-            f"blk.{i}.ffn_gate.weight": gate,
-            f"blk.{i}.ffn_up.weight": up,
+            f"blk.{i}.ffn_gate.weight": parts["gate"],
+            f"blk.{i}.ffn_up.weight": parts["up"],
             f"blk.{i}.ffn_down.weight": block.mlp.c_proj.weight,
         })
     return out
