@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 API_PORT ?= 8000
 UI_PORT  ?= 8501
 
-.PHONY: install test test-fast lint demo bench screenshot system-deps docker-test clean
+.PHONY: llama-cpp install test test-fast lint demo bench screenshot system-deps docker-test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,20 +17,30 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian's chromium for the real-browser test (Playwright drives it; no browser download).
+# Debian packages: chromium for the real-browser test (Playwright drives it; no browser download), cmake and
+# g++ to build llama.cpp's tools for the GGUF tests and benchmarks (tools/build_llama_cpp.py).
+SYSTEM_PACKAGES := chromium:chromium cmake:cmake c++:g++
 system-deps:
-	@if ! command -v chromium >/dev/null 2>&1; then \
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "chromium is missing: install it with 'sudo apt-get install chromium' (Debian/Ubuntu)"; exit 1; \
+	    echo "missing:$$missing: install with 'sudo apt-get install$$missing' (Debian/Ubuntu)"; exit 1; \
 	  fi; \
 	fi
 
-lint: install
-	$(VENV)/bin/ruff check src tests benchmarks docker
+# llama.cpp's llama-simple and llama-bench in build/llama.cpp/bin (once; the tests compare our greedy tokens
+# with theirs, `slm bench` adds their speed).
+llama-cpp: install system-deps
+	$(PY) tools/build_llama_cpp.py --out build/llama.cpp
 
-test: install system-deps lint
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks docker tools
+
+test: install system-deps lint llama-cpp
 	$(PY) -m pytest -q
 
 # The inner loop: everything but the slow tests (notebooks, browser, DDP, ...), in about a minute.

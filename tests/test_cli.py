@@ -126,4 +126,6 @@ def test_bench_prints_a_table_and_writes_json_and_plot(tmp_path, preset):
     assert [row["new_tokens"] for row in result["rows"]] == [8, 32]
     assert all(row["cache_equals_uncached"] and row["matches_hf"] for row in result["rows"])
     assert result["kv_speedup_max"] > 0 and result["speedup_vs_hf"] > 0
+    # llama.cpp's columns (`make test` builds its tools first): the same weights through llama-bench
+    assert all(row["llama_cpp_f32_tok_s"] > 0 and row["llama_cpp_f16_tok_s"] > 0 for row in result["rows"])
     assert (tmp_path / "b.png").stat().st_size > 5000

@@ -97,3 +97,34 @@ def test_gguf_round_trip_is_exact(family, prepared, tmp_path):
     _, half = read(tmp_path / "f16.gguf")
     assert half["token_embd.weight"].dtype == np.float16 and half["output_norm.weight"].dtype == np.float32
     assert np.allclose(half["token_embd.weight"], tensors["token_embd.weight"], rtol=1e-3, atol=1e-4)
+
+
+LLAMA_CPP_PROMPTS = ["Once upon a time there was a little", "One day Tom found", "The fox said"]
+
+
+def our_greedy_text(model_dir, prompt: str, n: int) -> bytes:
+    from slm.checkpoint import load
+    from slm.generation import generate
+
+    model, tokenizer = load(model_dir)
+    out = generate(model, [tokenizer.encode(prompt)], max_new_tokens=n, temperature=0, tokenizer=tokenizer)
+    return tokenizer.decode(out[0]).encode("utf-8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["trained", "trained_llama", "bundled"])
+def test_llama_cpp_runs_the_export_with_our_greedy_tokens(which, request, tmp_path):
+    """llama.cpp itself loads the f32 GGUF and continues each prompt with exactly our greedy text."""
+    from slm import llama_cpp
+    from slm.checkpoint import resolve
+
+    model_dir = resolve("default") if which == "bundled" else request.getfixturevalue(which)
+    n = 60 if which == "bundled" else 40  # the tiny models' context is 64 tokens
+    gguf = tmp_path / "model.gguf"
+    out = run_slm("export-gguf", "--model", str(model_dir), "--out", str(gguf))
+    assert out.returncode == 0, out.stderr
+    for prompt in LLAMA_CPP_PROMPTS:
+        ours = our_greedy_text(model_dir, prompt, n)
+        theirs = llama_cpp.greedy_text(gguf, prompt, n)
+        assert len(ours) > len(prompt) + 20  # the comparison covers a real continuation
+        assert theirs == ours, (prompt, theirs, ours)

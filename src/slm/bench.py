@@ -1,7 +1,9 @@
-"""Decode-speed benchmark: our engine with the KV cache, without it, and transformers' generate().
+"""Decode-speed benchmark: our engine with the KV cache, without it, transformers' generate() and llama.cpp.
 
-Batch 1, greedy, identical weights; the three are interleaved in one run and each figure is the median
-of ``repeats`` runs, so machine noise hits them alike.
+Batch 1, greedy, identical weights; ours and transformers are interleaved in one run and each figure is the
+median of ``repeats`` runs, so machine noise hits them alike. llama.cpp (when ``make llama-cpp`` has built it)
+runs after them on a GGUF export of the same weights, in f32 and f16: ``llama-bench -p 0 -n N``, the mean
+of ``repeats`` runs.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import copy
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from slm.config import get_preset
 from slm.files import atomic_write, atomic_write_json
 from slm.generation import Engine, SamplingParams
 from slm.model import GPT
+from slm.tokenizer import Tokenizer
 
 PROMPT_TOKENS = 8
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,24 +45,43 @@ def decode_hf(hf, prompt: list[int], n: int) -> tuple[float, list[int]]:
     return time.perf_counter() - start, out[0, len(prompt) :].tolist()
 
 
-def load_bench_model(model: str | None, preset: str, longest: int) -> tuple[GPT, str]:
+def load_bench_model(model: str | None, preset: str, longest: int) -> tuple[GPT, Tokenizer | None, str]:
     if model:
         from slm.checkpoint import load
 
-        m, _ = load(model)
-        return m, f"checkpoint {model}"
+        m, tokenizer = load(model)
+        return m, tokenizer, f"checkpoint {model}"
     cfg = copy.deepcopy(get_preset(preset).config)
     # Random weights: give the shape room for the longest run, so every length decodes without a window
     # shift and transformers (which cannot go past its positions) can run at every length too.
     cfg.context_length = max(cfg.context_length, PROMPT_TOKENS + longest)
     cfg.dropout = 0.0
     torch.manual_seed(0)
-    return GPT(cfg).eval(), f"random weights, {preset} shape (context {cfg.context_length})"
+    return GPT(cfg).eval(), None, f"random weights, {preset} shape (context {cfg.context_length})"
+
+
+def llama_cpp_speeds(net: GPT, tokenizer: Tokenizer | None, lengths: list[int], threads: int,
+                     repeats: int) -> dict[str, dict[int, float]]:
+    """llama.cpp's decode speed on the same weights, exported to GGUF in f32 and in f16."""
+    from slm import llama_cpp
+    from slm.gguf_export import export_gguf
+
+    # Random weights have no tokenizer; llama.cpp needs one to load the file, and any byte-level one will do
+    # for llama-bench, which decodes token ids without text.
+    tokenizer = tokenizer or Tokenizer.train(["a small text for a placeholder vocabulary"], vocab_size=300)
+    speeds: dict[str, dict[int, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in ("f32", "f16"):
+            path = export_gguf(net, tokenizer, Path(tmp) / f"model-{dtype}.gguf", dtype)
+            speeds[f"llama_cpp_{dtype}"] = {n: round(llama_cpp.decode_speed(path, n, threads, repeats), 1)
+                                            for n in lengths}
+    return speeds
 
 
 def run_bench(model: str | None, preset: str, lengths: list[int], repeats: int = 3, threads: int | None = None,
               json_path: str | None = None, plot_path: str | None = None, hf: bool = True,
-              dtype: str = "fp32") -> dict:
+              dtype: str = "fp32", llama_cpp: bool | None = None) -> dict:
+    """``llama_cpp``: add llama.cpp's columns (None: when its tools are built)."""
     if not lengths or min(lengths) <= 0:
         raise ValueError("--lengths must be positive integers, e.g. 64,128,512")
     if repeats < 1:
@@ -68,7 +91,7 @@ def run_bench(model: str | None, preset: str, lengths: list[int], repeats: int =
     if threads:
         torch.set_num_threads(threads)
     lengths = sorted(lengths)
-    net, what = load_bench_model(model, preset, lengths[-1])
+    net, tokenizer, what = load_bench_model(model, preset, lengths[-1])
     fast = net if dtype == "fp32" else copy.deepcopy(net).to(DTYPES[dtype])
     prompt = torch.randint(0, net.config.vocab_size, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(1))
     prompt = prompt.tolist()
@@ -94,12 +117,19 @@ def run_bench(model: str | None, preset: str, lengths: list[int], repeats: int =
                 times[name][n].append(seconds)
                 tokens[name][n] = out
     reference = {n: decode(net, prompt, n, True)[1] for n in lengths} if dtype != "fp32" else tokens["cached"]
+    if llama_cpp is None:
+        from slm import llama_cpp as tools
+
+        llama_cpp = tools.available()
+    external = llama_cpp_speeds(net, tokenizer, lengths, torch.get_num_threads(), repeats) if llama_cpp else {}
     rows = []
     for n in lengths:
         row: dict = {"new_tokens": n}
         for name in impls:
             t = times[name][n]
             row[f"{name}_tok_s"] = round(n / statistics.median(t), 1) if t else None
+        for name, speeds in external.items():
+            row[f"{name}_tok_s"] = speeds[n]
         row["cache_equals_uncached"] = tokens["cached"][n] == tokens["uncached"][n]
         if dtype != "fp32":
             row["matches_fp32"] = tokens["cached"][n] == reference[n]
@@ -152,7 +182,8 @@ def plot(result: dict, path: Path) -> None:
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     labels = {"cached_tok_s": "slm, KV cache", "uncached_tok_s": "slm, no cache",
-              "hf_cached_tok_s": "transformers generate (cache)"}
+              "hf_cached_tok_s": "transformers generate (cache)", "llama_cpp_f32_tok_s": "llama.cpp f32",
+              "llama_cpp_f16_tok_s": "llama.cpp f16"}
     for key, label in labels.items():
         pts = [(r["new_tokens"], r[key]) for r in rows if r.get(key)]
         if pts:

@@ -163,7 +163,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     run_bench(args.model, args.preset, lengths, repeats=args.repeats, threads=args.threads,
-              json_path=args.json, plot_path=args.plot, hf=not args.no_hf, dtype=args.dtype)
+              json_path=args.json, plot_path=args.plot, hf=not args.no_hf, dtype=args.dtype,
+              llama_cpp=False if args.no_llama_cpp else None)
     return 0
 
 
@@ -294,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="decode speed: KV cache vs none vs transformers")
+    p = sub.add_parser("bench", help="decode speed: KV cache vs none vs transformers vs llama.cpp")
     p.add_argument("--model", default=None, help="checkpoint directory or 'default' (else random weights)")
     p.add_argument("--preset", default="slm-16m", help="shape for random weights when no --model")
     p.add_argument("--lengths", default="64,128,256,512")
@@ -302,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 weights for our engine")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--no-llama-cpp", action="store_true",
+                   help="skip llama.cpp's columns (otherwise added when `make llama-cpp` has built its tools)")
     p.add_argument("--json", help="write the figures to this JSON file")
     p.add_argument("--plot", help="write a PNG of tokens/s against length")
     p.set_defaults(func=cmd_bench)

@@ -16,6 +16,7 @@ import torch
 
 from slm.kv_cache import KVCache
 from slm.model import GPT
+from slm.native import decoder_for as native_decoder
 from slm.tokenizer import StreamDecoder, Tokenizer
 
 MAX_NEW_TOKENS_LIMIT = 100_000
@@ -143,10 +144,13 @@ class Engine:
     survivors move down into the freed rows, so active rows stay contiguous and a decode step is one forward pass over
     ``rows(0, n)``. A sequence joins at any step (continuous batching): its window minus the last token is
     prefilled in one forward pass, and the last token goes through the shared decode step.
+
+    The decode step runs natively (slm/native.py: one C call per step) when the model is fp32 on the CPU and a
+    C compiler is available, unless ``native=False``; otherwise, and for prefills, it is ``GPT.forward``.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, max_batch: int = 16,
-                 use_cache: bool = True, shift: int | None = None) -> None:
+                 use_cache: bool = True, shift: int | None = None, native: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.context = model.config.context_length
@@ -156,6 +160,10 @@ class Engine:
         self.use_cache = use_cache
         self.max_batch = max_batch
         self.cache = KVCache.for_model(model, max_batch) if use_cache else None
+        self.native = native_decoder(model) if use_cache and native is not False else None
+        if native and self.native is None:
+            raise GenerationError("the native decode step is unavailable: it needs an fp32 model on the CPU and a "
+                                  "C compiler (and SLM_NATIVE not set to 0)")
         self.active: list[SequenceState] = []
         self.eot_id = tokenizer.eot_id if tokenizer is not None else None
 
@@ -241,6 +249,8 @@ class Engine:
                 self._prefill(i, j)
             i = j + 1
         last = torch.tensor([[s.window[-1]] for s in self.active], device=cache.k.device)
+        if self.native is not None:
+            return self.native.step(last, cache.rows(0, n))
         return self.model(last, cache=cache.rows(0, n))[:, -1]
 
     def _prefill(self, start: int, stop: int) -> None:

@@ -1,0 +1,171 @@
+/* One decode step of the slm transformer (both families) for a batch of rows, one new token each.
+
+   Eager PyTorch spends most of a one-token step on per-operator overhead (docs/decode-speed.md); this is the
+   same arithmetic as slm/model.py in one call: matrix-vector products that stream each weight once for the
+   whole batch, split across OpenMP threads (PyTorch's own OpenMP runtime, so one thread pool), and small
+   loops for the norms, rotary positions, attention and activations. Weights and KV cache are the model's
+   own fp32 tensors; nothing is copied. Built on first use by slm/native.py with the system C compiler. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    const float *ln1_w, *ln1_b, *attn_w, *attn_b, *proj_w, *proj_b;
+    const float *ln2_w, *ln2_b, *fc_w, *fc_b, *out_w, *out_b;
+} Layer;
+
+typedef struct {
+    int llama;  /* 0: gpt2 (LayerNorm, GELU, learned positions), 1: llama (RMSNorm, SwiGLU, rotary) */
+    int n_layer, d_model, n_head, n_kv_head, head_dim, hidden, vocab;
+    float eps;
+    const float *wte, *wpe, *lnf_w, *lnf_b, *rope_cos, *rope_sin;
+    const Layer *layers;
+} Model;
+
+/* The KV cache of slm/kv_cache.py: [n_layer, rows, kv_heads, max_len, head_dim], keys and values. */
+typedef struct {
+    float *k, *v;
+    int rows, max_len;
+} Cache;
+
+/* out[b, n] = bias[n] + x[b, :] . w[n, :] for b < batch; w is [n_out, n_in], as nn.Linear stores it.
+   Each weight row is read once for the whole batch: decode is bound by streaming the weights. */
+static void matmul(float *out, const float *x, const float *w, const float *bias, int batch, int n_in,
+                   int n_out) {
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < n_out; n++) {
+        const float *row = w + (int64_t)n * n_in;
+        for (int b = 0; b < batch; b++) {
+            const float *xb = x + (int64_t)b * n_in;
+            float sum = 0.0f;
+            #pragma omp simd reduction(+ : sum)
+            for (int k = 0; k < n_in; k++) sum += row[k] * xb[k];
+            out[(int64_t)b * n_out + n] = bias ? sum + bias[n] : sum;
+        }
+    }
+}
+
+static void norm(float *out, const float *x, const float *w, const float *b, int n, float eps, int rms) {
+    float mean = 0.0f, var = 0.0f;
+    if (!rms) {
+        for (int i = 0; i < n; i++) mean += x[i];
+        mean /= n;
+    }
+    for (int i = 0; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
+    float scale = 1.0f / sqrtf(var / n + eps);
+    for (int i = 0; i < n; i++) out[i] = (x[i] - mean) * scale * w[i] + (b ? b[i] : 0.0f);
+}
+
+/* x * cos + swap_halves(x) * sin, with sin's first half negated (slm/model.py's rotary_tables). */
+static void rotate(float *x, const float *cos, const float *sin, int dim) {
+    int half = dim / 2;
+    for (int i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] + b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/* Softmax attention of one query head over cache slots 0..last of its key/value head. */
+static void attend(float *out, const float *q, const float *k, const float *v, int last, int dim, float *scores) {
+    float scale = 1.0f / sqrtf((float)dim), top = -INFINITY, total = 0.0f;
+    for (int s = 0; s <= last; s++) {
+        const float *key = k + (int64_t)s * dim;
+        float dot = 0.0f;
+        #pragma omp simd reduction(+ : dot)
+        for (int i = 0; i < dim; i++) dot += q[i] * key[i];
+        scores[s] = dot * scale;
+        if (scores[s] > top) top = scores[s];
+    }
+    for (int s = 0; s <= last; s++) total += scores[s] = expf(scores[s] - top);
+    memset(out, 0, sizeof(float) * dim);
+    for (int s = 0; s <= last; s++) {
+        const float *value = v + (int64_t)s * dim;
+        float p = scores[s] / total;
+        #pragma omp simd
+        for (int i = 0; i < dim; i++) out[i] += p * value[i];
+    }
+}
+
+static float gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+static float silu(float x) { return x / (1.0f + expf(-x)); }
+
+/* Queries and keys rotated (llama), the new keys and values stored in each row's slot, then attention:
+   one (row, head) pair per task. ``scores`` holds max_len floats per pair. */
+static void attention(const Model *m, const Cache *c, int layer, float *qkv, float *out, const int64_t *pos,
+                      int batch, float *scores) {
+    int hd = m->head_dim, kv = m->n_kv_head, group = m->n_head / kv, width = (m->n_head + 2 * kv) * hd;
+    for (int b = 0; b < batch; b++) {
+        float *q = qkv + (int64_t)b * width, *k = q + m->n_head * hd, *v = k + kv * hd;
+        if (m->llama)
+            for (int h = 0; h < m->n_head + kv; h++)  /* queries and keys, one after the other */
+                rotate(q + h * hd, m->rope_cos + pos[b] * hd, m->rope_sin + pos[b] * hd, hd);
+        for (int g = 0; g < kv; g++) {
+            int64_t slot = ((((int64_t)layer * c->rows + b) * kv + g) * c->max_len + pos[b]) * hd;
+            memcpy(c->k + slot, k + g * hd, sizeof(float) * hd);
+            memcpy(c->v + slot, v + g * hd, sizeof(float) * hd);
+        }
+    }
+    #pragma omp parallel for collapse(2) schedule(static) if (batch > 1)
+    for (int b = 0; b < batch; b++)
+        for (int h = 0; h < m->n_head; h++) {
+            int64_t head = (((int64_t)layer * c->rows + b) * kv + h / group) * c->max_len * hd;
+            attend(out + (int64_t)b * m->d_model + h * hd, qkv + (int64_t)b * width + h * hd, c->k + head,
+                   c->v + head, (int)pos[b], hd, scores + ((int64_t)b * m->n_head + h) * c->max_len);
+        }
+}
+
+static void feed_forward(const Model *m, const Layer *l, const float *h, float *ff, float *out, int batch) {
+    int d = m->d_model, f = m->hidden;
+    if (m->llama) {  /* fused gate|up rows: silu(gate) * up into the first half */
+        matmul(ff, h, l->fc_w, NULL, batch, d, 2 * f);
+        for (int b = 0; b < batch; b++) {
+            const float *gate = ff + (int64_t)b * 2 * f, *up = gate + f;
+            float *act = ff + (int64_t)b * f;  /* row b's result lands before row b's inputs: safe in order */
+            for (int i = 0; i < f; i++) act[i] = silu(gate[i]) * up[i];
+        }
+    } else {
+        matmul(ff, h, l->fc_w, l->fc_b, batch, d, f);
+        for (int64_t i = 0; i < (int64_t)batch * f; i++) ff[i] = gelu_tanh(ff[i]);
+    }
+    matmul(out, ff, l->out_w, l->out_b, batch, f, d);
+}
+
+static void add(float *x, const float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+/* Logits [batch, vocab] for tokens[b] at positions pos[b]; writes their keys and values into the cache. */
+int slm_decode_step(const Model *m, const Cache *c, const int64_t *tokens, const int64_t *pos, int batch,
+                    float *logits) {
+    int d = m->d_model, width = (m->n_head + 2 * m->n_kv_head) * m->head_dim;
+    int64_t bd = (int64_t)batch * d;
+    float *x = malloc(sizeof(float) * bd), *h = malloc(sizeof(float) * bd), *att = malloc(sizeof(float) * bd);
+    float *qkv = malloc(sizeof(float) * batch * width), *ff = malloc(sizeof(float) * batch * 2 * m->hidden);
+    float *scores = malloc(sizeof(float) * batch * m->n_head * c->max_len);
+    if (!x || !h || !att || !qkv || !ff || !scores) return 1;
+    for (int b = 0; b < batch; b++) {
+        memcpy(x + b * d, m->wte + tokens[b] * d, sizeof(float) * d);
+        if (!m->llama) add(x + b * d, m->wpe + pos[b] * d, d);
+    }
+    for (int i = 0; i < m->n_layer; i++) {
+        const Layer *l = &m->layers[i];
+        for (int b = 0; b < batch; b++) norm(h + b * d, x + b * d, l->ln1_w, l->ln1_b, d, m->eps, m->llama);
+        matmul(qkv, h, l->attn_w, l->attn_b, batch, d, width);
+        attention(m, c, i, qkv, att, pos, batch, scores);
+        matmul(h, att, l->proj_w, l->proj_b, batch, d, d);
+        add(x, h, bd);
+        for (int b = 0; b < batch; b++) norm(h + b * d, x + b * d, l->ln2_w, l->ln2_b, d, m->eps, m->llama);
+        feed_forward(m, l, h, ff, att, batch);
+        add(x, att, bd);
+    }
+    for (int b = 0; b < batch; b++) norm(h + b * d, x + b * d, m->lnf_w, m->lnf_b, d, m->eps, m->llama);
+    matmul(logits, h, m->wte, NULL, batch, d, m->vocab);  /* tied output embedding */
+    free(x), free(h), free(att), free(qkv), free(ff), free(scores);
+    return 0;
+}

@@ -1,0 +1,142 @@
+"""The native decode step (csrc/decode.c): built with the system C compiler on first use, called with ctypes.
+
+One call computes a whole one-token step for a batch of rows on the model's own fp32 tensors and KV cache,
+so the per-operator overhead of eager PyTorch, most of a CPU decode step's time, disappears. Used by the
+engine for cached decode steps when the model is fp32 on the CPU and a compiler is there; ``SLM_NATIVE=0``
+turns it off. Without a compiler everything runs in PyTorch, as before (slower, same tokens).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from slm.kv_cache import KVCache
+from slm.model import GPT
+
+SOURCE = Path(__file__).with_name("csrc") / "decode.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+F32 = ctypes.POINTER(ctypes.c_float)
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [(name, F32) for name in ("ln1_w", "ln1_b", "attn_w", "attn_b", "proj_w", "proj_b",
+                                          "ln2_w", "ln2_b", "fc_w", "fc_b", "out_w", "out_b")]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [("llama", ctypes.c_int), *((n, ctypes.c_int) for n in ("n_layer", "d_model", "n_head", "n_kv_head",
+                                                                        "head_dim", "hidden", "vocab")),
+                ("eps", ctypes.c_float), *((n, F32) for n in ("wte", "wpe", "lnf_w", "lnf_b", "rope_cos", "rope_sin")),
+                ("layers", ctypes.POINTER(Layer))]
+
+
+class Cache(ctypes.Structure):
+    _fields_ = [("k", F32), ("v", F32), ("rows", ctypes.c_int), ("max_len", ctypes.c_int)]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    path = Path(base) / "slm"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    except OSError:  # a read-only home (containers): the temp folder
+        return Path(tempfile.gettempdir())
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The compiled step (built once per source, compiler flags and CPU), or None without a C compiler."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + platform.processor().encode()
+                         + platform.machine().encode()).hexdigest()[:16]
+    path = cache_dir() / f"slm-decode-{key}.so"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        out = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+        if out.returncode != 0:
+            warnings.warn(f"the native decode step did not compile, decoding in PyTorch: {out.stderr[-500:]}",
+                          stacklevel=2)
+            return None
+        tmp.replace(path)
+    lib = ctypes.CDLL(str(path))  # after torch: its libgomp is the OpenMP runtime both use
+    lib.slm_decode_step.argtypes = [ctypes.POINTER(Model), ctypes.POINTER(Cache), ctypes.POINTER(ctypes.c_int64),
+                                    ctypes.POINTER(ctypes.c_int64), ctypes.c_int, F32]
+    lib.slm_decode_step.restype = ctypes.c_int
+    return lib
+
+
+def enabled() -> bool:
+    return os.environ.get("SLM_NATIVE", "1") != "0"
+
+
+def supports(model: GPT) -> bool:
+    """fp32 weights on the CPU, contiguous (the layout the C code reads)."""
+    return all(p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous() for p in model.parameters())
+
+
+def _ptr(t: torch.Tensor | None):
+    return ctypes.cast(t.data_ptr(), F32) if t is not None else None
+
+
+class NativeDecoder:
+    """``step(tokens, cache)``: logits ``[B, vocab]`` for one new token per row, as ``GPT.forward`` with a cache."""
+
+    def __init__(self, model: GPT, lib: ctypes.CDLL) -> None:
+        self.model, self.lib, c = model, lib, model.config
+        llama = c.arch == "llama"
+        layers = []
+        for block in model.h:
+            a, m = block.attn, block.mlp
+            layers.append(Layer(*map(_ptr, (block.ln_1.weight, getattr(block.ln_1, "bias", None), a.c_attn.weight,
+                                            a.c_attn.bias, a.c_proj.weight, a.c_proj.bias, block.ln_2.weight,
+                                            getattr(block.ln_2, "bias", None), m.c_fc.weight, m.c_fc.bias,
+                                            m.c_proj.weight, m.c_proj.bias))))
+        self.layers = (Layer * len(layers))(*layers)
+        self.struct = Model(int(llama), c.n_layer, c.d_model, c.n_head, c.kv_heads, c.head_dim, c.hidden,
+                            c.vocab_size, c.layer_norm_eps, _ptr(model.wte.weight),
+                            None if llama else _ptr(model.wpe.weight), _ptr(model.ln_f.weight),
+                            _ptr(getattr(model.ln_f, "bias", None)), _ptr(model.rope_cos) if llama else None,
+                            _ptr(model.rope_sin) if llama else None, self.layers)
+
+    def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        batch = tokens.shape[0]
+        k = cache.k
+        if k.dtype != torch.float32 or k[0, 0].stride() != k[0, 0].contiguous().stride():
+            raise ValueError("the native decode step needs an fp32 KV cache with contiguous rows")
+        positions = cache.lengths.contiguous()
+        last = int(positions.max())
+        if last >= min(cache.max_len, self.model.config.context_length):
+            raise ValueError(f"position {last} is past the context length {self.model.config.context_length}")
+        tokens = tokens.reshape(batch).to(torch.int64).contiguous()
+        logits = torch.empty(batch, self.model.config.vocab_size)
+        view = Cache(_ptr(k), _ptr(cache.v), k.stride(0) // k.stride(1), cache.max_len)
+        int64 = ctypes.POINTER(ctypes.c_int64)
+        status = self.lib.slm_decode_step(ctypes.byref(self.struct), ctypes.byref(view),
+                                          ctypes.cast(tokens.data_ptr(), int64),
+                                          ctypes.cast(positions.data_ptr(), int64), batch, _ptr(logits))
+        if status:
+            raise MemoryError("the native decode step could not allocate its buffers")
+        cache.advance(1)
+        return logits
+
+
+def decoder_for(model: GPT) -> NativeDecoder | None:
+    """The native step for this model, or None (switched off, not fp32 on the CPU, or no compiler)."""
+    if not (enabled() and supports(model)):
+        return None
+    lib = library()
+    return NativeDecoder(model, lib) if lib is not None else None
