@@ -11,8 +11,18 @@ from slm.kv_cache import KVCache
 CONTEXT = 64  # the tiny preset's
 
 
+@pytest.fixture(params=["native", "torch"])
+def decode_path(request, monkeypatch):
+    """Cached decode steps in C (slm/native.py, the default) or in GPT.forward (SLM_NATIVE=0)."""
+    if request.param == "torch":
+        monkeypatch.setenv("SLM_NATIVE", "0")
+    else:
+        monkeypatch.delenv("SLM_NATIVE", raising=False)
+    return request.param
+
+
 @pytest.mark.parametrize("new_tokens", [1, 10, CONTEXT - 8, CONTEXT, CONTEXT + 1, 3 * CONTEXT])
-def test_cache_and_no_cache_agree_at_every_length(tiny_model, new_tokens):
+def test_cache_and_no_cache_agree_at_every_length(tiny_model, new_tokens, decode_path):
     prompt = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(new_tokens))
     cached = generate(tiny_model, prompt, max_new_tokens=new_tokens, temperature=0, use_cache=True)
     uncached = generate(tiny_model, prompt, max_new_tokens=new_tokens, temperature=0, use_cache=False)
@@ -20,14 +30,14 @@ def test_cache_and_no_cache_agree_at_every_length(tiny_model, new_tokens):
     assert cached.tolist() == uncached.tolist()
 
 
-def test_cache_agrees_with_a_prompt_longer_than_the_context(tiny_model):
+def test_cache_agrees_with_a_prompt_longer_than_the_context(tiny_model, decode_path):
     prompt = torch.randint(0, 512, (1, CONTEXT + 30), generator=torch.Generator().manual_seed(5))
     cached = generate(tiny_model, prompt, max_new_tokens=100, temperature=0, use_cache=True)
     uncached = generate(tiny_model, prompt, max_new_tokens=100, temperature=0, use_cache=False)
     assert cached.tolist() == uncached.tolist()
 
 
-def test_batch_of_different_lengths_equals_each_alone(tiny_model):
+def test_batch_of_different_lengths_equals_each_alone(tiny_model, decode_path):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (1, 5, 17, 40, 63, 64, 90)]
     alone = [generate(tiny_model, [p], max_new_tokens=2 * CONTEXT, temperature=0)[0] for p in prompts]
@@ -35,7 +45,7 @@ def test_batch_of_different_lengths_equals_each_alone(tiny_model):
     assert generate(tiny_model, prompts, max_new_tokens=2 * CONTEXT, temperature=0, use_cache=False) == alone
 
 
-def test_sequences_join_and_leave_a_running_batch(tiny_model):
+def test_sequences_join_and_leave_a_running_batch(tiny_model, decode_path):
     """Continuous batching: a request added mid-way gets exactly what it gets alone."""
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (4, 30, 11, 50)]
@@ -89,6 +99,7 @@ def test_kv_cache_is_written_in_place(tiny_model):
 
 
 def test_prefill_is_one_pass_and_each_token_one_pass(tiny_model, monkeypatch):
+    monkeypatch.setenv("SLM_NATIVE", "0")  # count GPT.forward's passes (the native step is one C call)
     calls = []
     original = tiny_model.forward
 
@@ -234,3 +245,46 @@ def test_penalised_rows_batched_cached_and_alone_agree(tiny_model):
     assert generate(tiny_model, prompts, max_new_tokens=80, temperature=0, use_cache=False, **controls) == alone
     plain = [generate(tiny_model, [p], max_new_tokens=80, temperature=0)[0] for p in prompts]
     assert plain != alone  # the penalties changed what greedy decoding picks
+
+
+def test_the_native_step_computes_what_the_model_computes(tiny_model):
+    """One C call per step gives GPT.forward's logits, for rows at the same and at different positions."""
+    from slm.native import decoder_for
+
+    native = decoder_for(tiny_model)
+    assert native is not None, "the native decode step did not build (is a C compiler installed?)"
+    tokens = torch.randint(0, 512, (3, 30), generator=torch.Generator().manual_seed(0))
+    ours, theirs = KVCache.for_model(tiny_model, 3), KVCache.for_model(tiny_model, 3)
+    with torch.inference_mode():
+        full = tiny_model(tokens)
+        tiny_model(tokens[:, :10], cache=ours), tiny_model(tokens[:, :10], cache=theirs)
+        for t in range(10, 30):
+            logits = native.step(tokens[:, t : t + 1], ours)
+            torch.testing.assert_close(logits, tiny_model(tokens[:, t : t + 1], cache=theirs)[:, -1],
+                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(logits, full[:, t], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.k, theirs.k, rtol=1e-5, atol=1e-6)  # the same keys and values cached
+        torch.testing.assert_close(ours.v, theirs.v, rtol=1e-5, atol=1e-6)
+        for cache in (ours, theirs):  # row 1 steps back 7 positions: rows now at different positions
+            cache.lengths[1] -= 7
+        torch.testing.assert_close(native.step(tokens[:, :1], ours), tiny_model(tokens[:, :1], cache=theirs)[:, -1],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_native_fp16_weights_stay_close_and_need_the_native_step(tiny_model, monkeypatch):
+    from slm.native import decoder_for
+
+    fp32, fp16 = decoder_for(tiny_model), decoder_for(tiny_model, "fp16")
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
+    a, b = KVCache.for_model(tiny_model, 2), KVCache.for_model(tiny_model, 2)
+    with torch.inference_mode():
+        tiny_model(tokens[:, :4], cache=a), tiny_model(tokens[:, :4], cache=b)
+        gaps = [(fp32.step(tokens[:, t : t + 1], a) - fp16.step(tokens[:, t : t + 1], b)).abs().max()
+                for t in range(4, 20)]
+    assert 0 < max(gaps) < 1e-2  # rounded weights: close, not equal
+    with pytest.raises(ValueError, match="decode weights"):
+        decoder_for(tiny_model, "int3")
+    monkeypatch.setenv("SLM_NATIVE", "0")
+    assert Engine(tiny_model).native is None
+    with pytest.raises(GenerationError, match="native decode step"):
+        Engine(tiny_model, decode_weights="fp16")

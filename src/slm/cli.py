@@ -162,9 +162,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from slm.bench import run_bench
 
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else None
     run_bench(args.model, args.preset, lengths, repeats=args.repeats, threads=args.threads,
               json_path=args.json, plot_path=args.plot, hf=not args.no_hf, dtype=args.dtype,
-              llama_cpp=False if args.no_llama_cpp else None)
+              llama_cpp=False if args.no_llama_cpp else None, text=text)
     return 0
 
 
@@ -303,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 weights for our engine")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--text", help="a text file to measure the fp16 weights' bits-per-byte change on (its first "
+                   "4096 tokens; else the fp32 greedy tokens, in bits per token)")
     p.add_argument("--no-llama-cpp", action="store_true",
                    help="skip llama.cpp's columns (otherwise added when `make llama-cpp` has built its tools)")
     p.add_argument("--json", help="write the figures to this JSON file")

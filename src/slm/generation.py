@@ -147,10 +147,12 @@ class Engine:
 
     The decode step runs natively (slm/native.py: one C call per step) when the model is fp32 on the CPU and a
     C compiler is available, unless ``native=False``; otherwise, and for prefills, it is ``GPT.forward``.
+    ``decode_weights="fp16"``: the native step reads fp16 copies of the matrices (faster, not bit-exact).
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, max_batch: int = 16,
-                 use_cache: bool = True, shift: int | None = None, native: bool | None = None) -> None:
+                 use_cache: bool = True, shift: int | None = None, native: bool | None = None,
+                 decode_weights: str = "fp32") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.context = model.config.context_length
@@ -160,8 +162,10 @@ class Engine:
         self.use_cache = use_cache
         self.max_batch = max_batch
         self.cache = KVCache.for_model(model, max_batch) if use_cache else None
-        self.native = native_decoder(model) if use_cache and native is not False else None
-        if native and self.native is None:
+        if decode_weights != "fp32" and not (use_cache and native is not False):
+            raise GenerationError(f"decode weights {decode_weights!r} need the native decode step and the KV cache")
+        self.native = native_decoder(model, decode_weights) if use_cache and native is not False else None
+        if (native or decode_weights != "fp32") and self.native is None:
             raise GenerationError("the native decode step is unavailable: it needs an fp32 model on the CPU and a "
                                   "C compiler (and SLM_NATIVE not set to 0)")
         self.active: list[SequenceState] = []

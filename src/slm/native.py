@@ -29,16 +29,20 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 F32 = ctypes.POINTER(ctypes.c_float)
 
 
+class Matrix(ctypes.Structure):
+    _fields_ = [("f32", F32), ("f16", ctypes.c_void_p)]
+
+
 class Layer(ctypes.Structure):
-    _fields_ = [(name, F32) for name in ("ln1_w", "ln1_b", "attn_w", "attn_b", "proj_w", "proj_b",
-                                          "ln2_w", "ln2_b", "fc_w", "fc_b", "out_w", "out_b")]
+    _fields_ = [*((name, F32) for name in ("ln1_w", "ln1_b", "attn_b", "proj_b", "ln2_w", "ln2_b", "fc_b", "out_b")),
+                *((name, Matrix) for name in ("attn", "proj", "fc", "out"))]
 
 
 class Model(ctypes.Structure):
     _fields_ = [("llama", ctypes.c_int), *((n, ctypes.c_int) for n in ("n_layer", "d_model", "n_head", "n_kv_head",
                                                                         "head_dim", "hidden", "vocab")),
                 ("eps", ctypes.c_float), *((n, F32) for n in ("wte", "wpe", "lnf_w", "lnf_b", "rope_cos", "rope_sin")),
-                ("layers", ctypes.POINTER(Layer))]
+                ("head", Matrix), ("layers", ctypes.POINTER(Layer))]
 
 
 class Cache(ctypes.Structure):
@@ -92,25 +96,42 @@ def _ptr(t: torch.Tensor | None):
     return ctypes.cast(t.data_ptr(), F32) if t is not None else None
 
 
-class NativeDecoder:
-    """``step(tokens, cache)``: logits ``[B, vocab]`` for one new token per row, as ``GPT.forward`` with a cache."""
+WEIGHTS = ("fp32", "fp16")
 
-    def __init__(self, model: GPT, lib: ctypes.CDLL) -> None:
-        self.model, self.lib, c = model, lib, model.config
+
+class NativeDecoder:
+    """``step(tokens, cache)``: logits ``[B, vocab]`` for one new token per row, as ``GPT.forward`` with a cache.
+
+    ``weights="fp16"`` reads the matrices (and the output embedding) from fp16 copies: half the bytes per
+    token, every product still summed in fp32; norms, biases, embeddings and the cache stay fp32.
+    """
+
+    def __init__(self, model: GPT, lib: ctypes.CDLL, weights: str = "fp32") -> None:
+        if weights not in WEIGHTS:
+            raise ValueError(f"decode weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+        self.model, self.lib, self.weights, c = model, lib, weights, model.config
+        self.halves: list[torch.Tensor] = []  # keeps the fp16 copies alive
         llama = c.arch == "llama"
         layers = []
         for block in model.h:
             a, m = block.attn, block.mlp
-            layers.append(Layer(*map(_ptr, (block.ln_1.weight, getattr(block.ln_1, "bias", None), a.c_attn.weight,
-                                            a.c_attn.bias, a.c_proj.weight, a.c_proj.bias, block.ln_2.weight,
-                                            getattr(block.ln_2, "bias", None), m.c_fc.weight, m.c_fc.bias,
-                                            m.c_proj.weight, m.c_proj.bias))))
+            vectors = map(_ptr, (block.ln_1.weight, getattr(block.ln_1, "bias", None), a.c_attn.bias, a.c_proj.bias,
+                                 block.ln_2.weight, getattr(block.ln_2, "bias", None), m.c_fc.bias, m.c_proj.bias))
+            matrices = map(self._matrix, (a.c_attn.weight, a.c_proj.weight, m.c_fc.weight, m.c_proj.weight))
+            layers.append(Layer(*vectors, *matrices))
         self.layers = (Layer * len(layers))(*layers)
         self.struct = Model(int(llama), c.n_layer, c.d_model, c.n_head, c.kv_heads, c.head_dim, c.hidden,
                             c.vocab_size, c.layer_norm_eps, _ptr(model.wte.weight),
                             None if llama else _ptr(model.wpe.weight), _ptr(model.ln_f.weight),
                             _ptr(getattr(model.ln_f, "bias", None)), _ptr(model.rope_cos) if llama else None,
-                            _ptr(model.rope_sin) if llama else None, self.layers)
+                            _ptr(model.rope_sin) if llama else None, self._matrix(model.wte.weight), self.layers)
+
+    def _matrix(self, w: torch.Tensor) -> Matrix:
+        if self.weights == "fp32":
+            return Matrix(_ptr(w), None)
+        half = w.detach().to(torch.float16).contiguous()
+        self.halves.append(half)
+        return Matrix(None, half.data_ptr())
 
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         batch = tokens.shape[0]
@@ -134,9 +155,9 @@ class NativeDecoder:
         return logits
 
 
-def decoder_for(model: GPT) -> NativeDecoder | None:
+def decoder_for(model: GPT, weights: str = "fp32") -> NativeDecoder | None:
     """The native step for this model, or None (switched off, not fp32 on the CPU, or no compiler)."""
     if not (enabled() and supports(model)):
         return None
     lib = library()
-    return NativeDecoder(model, lib) if lib is not None else None
+    return NativeDecoder(model, lib, weights) if lib is not None else None

@@ -4,16 +4,24 @@
    same arithmetic as slm/model.py in one call: matrix-vector products that stream each weight once for the
    whole batch, split across OpenMP threads (PyTorch's own OpenMP runtime, so one thread pool), and small
    loops for the norms, rotary positions, attention and activations. Weights and KV cache are the model's
-   own fp32 tensors; nothing is copied. Built on first use by slm/native.py with the system C compiler. */
+   own fp32 tensors; nothing is copied. Optionally the matrices are read from fp16 copies (half the bytes to
+   stream, products still summed in fp32). Built on first use by slm/native.py with the system C compiler. */
 
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+/* A weight matrix [n_out, n_in] as nn.Linear stores it: fp32, or fp16 when f16 is set. */
 typedef struct {
-    const float *ln1_w, *ln1_b, *attn_w, *attn_b, *proj_w, *proj_b;
-    const float *ln2_w, *ln2_b, *fc_w, *fc_b, *out_w, *out_b;
+    const float *f32;
+    const _Float16 *f16;
+} Matrix;
+
+typedef struct {
+    const float *ln1_w, *ln1_b, *attn_b, *proj_b, *ln2_w, *ln2_b, *fc_b, *out_b;
+    Matrix attn, proj, fc, out;
 } Layer;
 
 typedef struct {
@@ -21,6 +29,7 @@ typedef struct {
     int n_layer, d_model, n_head, n_kv_head, head_dim, hidden, vocab;
     float eps;
     const float *wte, *wpe, *lnf_w, *lnf_b, *rope_cos, *rope_sin;
+    Matrix head;  /* the tied output embedding: wte, or its fp16 copy */
     const Layer *layers;
 } Model;
 
@@ -30,18 +39,41 @@ typedef struct {
     int rows, max_len;
 } Cache;
 
-/* out[b, n] = bias[n] + x[b, :] . w[n, :] for b < batch; w is [n_out, n_in], as nn.Linear stores it.
-   Each weight row is read once for the whole batch: decode is bound by streaming the weights. */
-static void matmul(float *out, const float *x, const float *w, const float *bias, int batch, int n_in,
-                   int n_out) {
+static float dot(const float *w, const float *x, int n) {
+    float sum = 0.0f;
+    #pragma omp simd reduction(+ : sum)
+    for (int k = 0; k < n; k++) sum += w[k] * x[k];
+    return sum;
+}
+
+static float dot_f16(const _Float16 *w, const float *x, int n) {
+    float sum = 0.0f;
+    int k = 0;
+#if defined(__F16C__) && defined(__FMA__)  /* 8 halves widened per instruction, two accumulators */
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (; k + 16 <= n; k += 16) {
+        __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k)));
+        __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k + 8)));
+        acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), acc0);
+        acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), acc1);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, _mm256_add_ps(acc0, acc1));
+    for (int i = 0; i < 8; i++) sum += lanes[i];
+#endif
+    for (; k < n; k++) sum += (float)w[k] * x[k];
+    return sum;
+}
+
+/* out[b, n] = bias[n] + x[b, :] . w[n, :] for b < batch. Each weight row is read once for the whole batch:
+   decode is bound by streaming the weights. */
+static void matmul(float *out, const float *x, Matrix w, const float *bias, int batch, int n_in, int n_out) {
     #pragma omp parallel for schedule(static)
     for (int n = 0; n < n_out; n++) {
-        const float *row = w + (int64_t)n * n_in;
         for (int b = 0; b < batch; b++) {
             const float *xb = x + (int64_t)b * n_in;
-            float sum = 0.0f;
-            #pragma omp simd reduction(+ : sum)
-            for (int k = 0; k < n_in; k++) sum += row[k] * xb[k];
+            int64_t row = (int64_t)n * n_in;
+            float sum = w.f16 ? dot_f16(w.f16 + row, xb, n_in) : dot(w.f32 + row, xb, n_in);
             out[(int64_t)b * n_out + n] = bias ? sum + bias[n] : sum;
         }
     }
@@ -123,17 +155,17 @@ static void attention(const Model *m, const Cache *c, int layer, float *qkv, flo
 static void feed_forward(const Model *m, const Layer *l, const float *h, float *ff, float *out, int batch) {
     int d = m->d_model, f = m->hidden;
     if (m->llama) {  /* fused gate|up rows: silu(gate) * up into the first half */
-        matmul(ff, h, l->fc_w, NULL, batch, d, 2 * f);
+        matmul(ff, h, l->fc, NULL, batch, d, 2 * f);
         for (int b = 0; b < batch; b++) {
             const float *gate = ff + (int64_t)b * 2 * f, *up = gate + f;
             float *act = ff + (int64_t)b * f;  /* row b's result lands before row b's inputs: safe in order */
             for (int i = 0; i < f; i++) act[i] = silu(gate[i]) * up[i];
         }
     } else {
-        matmul(ff, h, l->fc_w, l->fc_b, batch, d, f);
+        matmul(ff, h, l->fc, l->fc_b, batch, d, f);
         for (int64_t i = 0; i < (int64_t)batch * f; i++) ff[i] = gelu_tanh(ff[i]);
     }
-    matmul(out, ff, l->out_w, l->out_b, batch, f, d);
+    matmul(out, ff, l->out, l->out_b, batch, f, d);
 }
 
 static void add(float *x, const float *y, int64_t n) {
@@ -156,16 +188,16 @@ int slm_decode_step(const Model *m, const Cache *c, const int64_t *tokens, const
     for (int i = 0; i < m->n_layer; i++) {
         const Layer *l = &m->layers[i];
         for (int b = 0; b < batch; b++) norm(h + b * d, x + b * d, l->ln1_w, l->ln1_b, d, m->eps, m->llama);
-        matmul(qkv, h, l->attn_w, l->attn_b, batch, d, width);
+        matmul(qkv, h, l->attn, l->attn_b, batch, d, width);
         attention(m, c, i, qkv, att, pos, batch, scores);
-        matmul(h, att, l->proj_w, l->proj_b, batch, d, d);
+        matmul(h, att, l->proj, l->proj_b, batch, d, d);
         add(x, h, bd);
         for (int b = 0; b < batch; b++) norm(h + b * d, x + b * d, l->ln2_w, l->ln2_b, d, m->eps, m->llama);
         feed_forward(m, l, h, ff, att, batch);
         add(x, att, bd);
     }
     for (int b = 0; b < batch; b++) norm(h + b * d, x + b * d, m->lnf_w, m->lnf_b, d, m->eps, m->llama);
-    matmul(logits, h, m->wte, NULL, batch, d, m->vocab);  /* tied output embedding */
+    matmul(logits, h, m->head, NULL, batch, d, m->vocab);
     free(x), free(h), free(att), free(qkv), free(ff), free(scores);
     return 0;
 }
