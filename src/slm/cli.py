@@ -116,7 +116,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             min_p=args.min_p)
     model, tokenizer = _load_model(args.model, args.threads)
     ids = tokenizer.encode(args.prompt)
-    engine = Engine(model, tokenizer, max_batch=1, use_cache=not args.no_kv_cache)
+    engine = Engine(model, tokenizer, max_batch=1, use_cache=not args.no_kv_cache,
+                    decode_weights=args.decode_weights)
     seq = engine.add(ids, params)
     if seq.prompt_truncated:
         print(f"note: the prompt has {len(ids)} tokens, more than the context of {engine.context}; "
@@ -135,7 +136,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "prompt": args.prompt, "text": seq.text, "prompt_tokens": len(ids), "generated_tokens": n,
             "prompt_truncated_tokens": seq.prompt_truncated, "finish_reason": seq.finish_reason,
             "seconds": round(seconds, 4), "tokens_per_second": round(n / seconds, 2) if seconds else None,
-            "kv_cache": not args.no_kv_cache,
+            "kv_cache": not args.no_kv_cache, "native_step": engine.native is not None,
+            "decode_weights": args.decode_weights,
         }))
     elif args.stream:
         print()
@@ -282,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="same seed, same text")
     p.add_argument("--stop", action="append", help="stop before this string (repeatable)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole window every token")
+    p.add_argument("--decode-weights", choices=["fp32", "fp16"], default="fp32",
+                   help="fp16: the native decode step reads fp16 copies of the matrices (faster, not bit-exact)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true", help="print text, token counts, seconds and tokens/s as JSON")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

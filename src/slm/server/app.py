@@ -39,7 +39,8 @@ def build_engine(settings: Settings, metrics: Metrics) -> tuple[ServingEngine, d
                            tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue, metrics=metrics)
     path = resolve(settings.model)
     info = {"name": path.name, "path": str(path), "parameters": model.num_parameters(),
-            "config": model.config.to_dict(), "tokenizer": tokenizer.kind}
+            "config": model.config.to_dict(), "tokenizer": tokenizer.kind,
+            "native_decode": engine.engines["cached"].native is not None}
     return engine, info
 
 
@@ -64,7 +65,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         served.engine, served.info = await asyncio.to_thread(build_engine, settings, served.metrics)
         served.engine.start()
-        log.info("serving %s (%s parameters)", served.info["path"], f"{served.info['parameters']:,}")
+        log.info("serving %s (%s parameters); decode step: %s", served.info["path"],
+                 f"{served.info['parameters']:,}",
+                 "native (C)" if served.info["native_decode"] else "PyTorch")
         yield
         served.engine.stop()
 
