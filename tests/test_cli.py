@@ -77,6 +77,22 @@ def test_a_preset_brings_its_training_recipe_and_flags_override_it(prepared, tmp
     assert "trains by default with: --optimizer muon" in run_slm("info").stdout
 
 
+def test_resume_takes_the_saved_settings_and_flags_override_them(prepared, tmp_path):
+    out = tmp_path / "run"
+    first = ["train", "--data", str(prepared), "--out", str(out), "--preset", "cpu-7m", "--n-layer", "1",
+             "--context-length", "32", "--max-steps", "2", "--batch-size", "3", "--eval-interval", "2",
+             "--eval-windows", "2", "--optimizer", "adamw", "--lr", "0.002", "--quiet"]
+    assert (r := run_slm(*first)).returncode == 0, r.stderr
+    # Only --resume and the new step count: shape, optimizer, batch size and learning rate come from the run.
+    r = run_slm("train", "--data", str(prepared), "--out", str(out), "--resume", "--max-steps", "4", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout
+    saved = json.loads((out / "last" / "config.json").read_text())
+    train_config = saved["training"]["train_config"]
+    assert saved["training"]["steps"] == 4 and saved["model"]["n_layer"] == 1
+    assert (train_config["optimizer"], train_config["batch_size"], train_config["lr"]) == ("adamw", 3, 0.002)
+
+
 def test_unknown_preset_on_the_command_line(prepared, tmp_path):
     r = run_slm("train", "--data", str(prepared), "--out", str(tmp_path / "r"), "--preset", "huge")
     assert r.returncode == 2 and "unknown preset 'huge'; choose one of: seed-16m, slm-16m, llama-16m" in r.stderr

@@ -65,12 +65,13 @@ MODEL_FLAGS = {
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from slm.train import TrainConfig, load_config_file, train
+    from slm.train import TrainConfig, load_config_file, resume_settings, train
 
-    values: dict = {}
-    model_overrides: dict = {}
+    # The saved run's settings (with --resume), then the config file, then flags: each overrides the last.
+    values, model_overrides = resume_settings(args.out) if args.resume else ({}, {})
     if args.config:
-        values, model_overrides = load_config_file(args.config)
+        file_values, file_model = load_config_file(args.config)
+        values, model_overrides = {**values, **file_values}, {**model_overrides, **file_model}
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)
         if v is not None:
@@ -244,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (best/, last/, metrics.jsonl, loss.png)")
     p.add_argument("--preset", help="model preset (default slm-16m)")
     p.add_argument("--config", help="TOML file of training settings and a [model] table")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from last/")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from last/ with the settings it was saved with (flags given now "
+                   "override them; --max-minutes is per leg)")
     for flag, typ, what in [
         ("--max-steps", int, "optimizer steps"), ("--batch-size", int, "sequences per micro-batch per process"),
         ("--grad-accum", int, "micro-batches per step"), ("--lr", float, "peak learning rate"),

@@ -85,6 +85,20 @@ def load_config_file(path: str | Path) -> tuple[dict, dict]:
 
 
 # ---- helpers --------------------------------------------------------------------------------------------
+def resume_settings(out: str | Path) -> tuple[dict, dict]:
+    """(train settings, model shape) a run in ``out`` was saved with, so ``--resume`` needs no flags repeated.
+
+    ``max_minutes`` is left out: it limits one leg of a run, not the run."""
+    last = checkpoint.find_last(Path(out))
+    if last is None:
+        return {}, {}
+    saved = checkpoint.read_config(last)
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"max_minutes"}
+    train_values = {k: v for k, v in saved.get("training", {}).get("train_config", {}).items() if k in known}
+    model = {k: v for k, v in saved["model"].items() if k != "vocab_size"}  # the tokenizer decides the vocabulary
+    return train_values, model
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
