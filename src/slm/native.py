@@ -59,14 +59,23 @@ def cache_dir() -> Path:
         return Path(tempfile.gettempdir())
 
 
+def cpu_signature() -> str:
+    """What -march=native compiles for: the CPU's feature flags on Linux, else the processor name."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
 @cache
 def library() -> ctypes.CDLL | None:
     """The compiled step (built once per source, compiler flags and CPU), or None without a C compiler."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + platform.processor().encode()
-                         + platform.machine().encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + [compiler, platform.machine(), cpu_signature()])
+                         .encode()).hexdigest()[:16]
     path = cache_dir() / f"slm-decode-{key}.so"
     if not path.exists():
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
