@@ -19,16 +19,18 @@ def test_info_lists_presets_with_parameter_counts():
 
 def test_generate_json_with_and_without_cache(trained_any):
     outs = []
-    for flag in ([], ["--no-kv-cache"]):
+    for flag in ([], ["--no-kv-cache"], ["--decode-weights", "fp16"]):
         r = run_slm("generate", "--model", str(trained_any), "--prompt", "Once upon a time", "--temperature", "0",
                     "--max-new-tokens", "30", "--json", *flag)
         assert r.returncode == 0, r.stderr
         outs.append(json.loads(r.stdout))
-    a, b = outs
+    a, b, half = outs
     assert a["text"] == b["text"] and a["text"].strip()
     assert a["prompt_tokens"] >= 4
     assert 0 < a["generated_tokens"] <= 30 and a["tokens_per_second"] > 0 and a["seconds"] > 0
     assert a["kv_cache"] is True and b["kv_cache"] is False
+    assert a["native_step"] is True and b["native_step"] is False  # the C step decodes when the cache is on
+    assert half["decode_weights"] == "fp16" and half["native_step"] and half["text"].strip()
 
 
 def test_generate_stream_and_seed(trained):
