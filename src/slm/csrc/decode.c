@@ -7,7 +7,9 @@
    own fp32 tensors; nothing is copied. Optionally the matrices are read from fp16 copies (half the bytes to
    stream, products still summed in fp32). Built on first use by slm/native.py with the system C compiler. */
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
