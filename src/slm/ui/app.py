@@ -120,8 +120,8 @@ def sidebar() -> dict:
 def main() -> None:
     st.set_page_config(page_title="slm playground", page_icon="📖", layout="wide")
     st.title("slm playground")
-    st.caption("A 16M-parameter GPT trained from scratch. Compare an untrained model, the trained model "
-               "without a KV cache, and the same model with one.")
+    st.caption("A small GPT trained from scratch, the one the API serves. Compare an untrained model of its "
+               "shape, the trained model without a KV cache, and the same model with one.")
     settings = sidebar()
     prompt = st.text_area("Prompt", "Once upon a time", key="prompt", height=100)
     chosen = st.multiselect("Models", ORDER, default=["basic", "cached"], format_func=lambda m: LABELS[m],
