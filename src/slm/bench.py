@@ -79,7 +79,7 @@ def contenders(net: GPT, dtype: str, prompt: list[int], hf: bool) -> dict:
     """name -> fn(n) giving (seconds, tokens): the decoders timed side by side."""
     fast = net if dtype == "fp32" else copy.deepcopy(net).to(DTYPES[dtype])
     impls = {"cached": lambda n: decode(fast, prompt, n, True)}
-    if native.decoder_for(fast) is not None:  # the default cached step is native: time PyTorch's beside it
+    if native.available(fast):  # the default cached step is native: time PyTorch's beside it
         impls["torch_cached"] = lambda n: decode(fast, prompt, n, True, native=False)
         impls["native_fp16"] = lambda n: decode(fast, prompt, n, True, decode_weights="fp16")
     impls["uncached"] = lambda n: decode(fast, prompt, n, False)

@@ -145,7 +145,7 @@ class NativeDecoder:
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         batch = tokens.shape[0]
         k = cache.k
-        if k.dtype != torch.float32 or k[0, 0].stride() != k[0, 0].contiguous().stride():
+        if k.dtype != torch.float32 or not k[0, 0].is_contiguous():
             raise ValueError("the native decode step needs an fp32 KV cache with contiguous rows")
         positions = cache.lengths.contiguous()
         last = int(positions.max())
@@ -164,9 +164,11 @@ class NativeDecoder:
         return logits
 
 
+def available(model: GPT) -> bool:
+    """Whether ``decoder_for(model)`` would return a native step."""
+    return enabled() and supports(model) and library() is not None
+
+
 def decoder_for(model: GPT, weights: str = "fp32") -> NativeDecoder | None:
     """The native step for this model, or None (switched off, not fp32 on the CPU, or no compiler)."""
-    if not (enabled() and supports(model)):
-        return None
-    lib = library()
-    return NativeDecoder(model, lib, weights) if lib is not None else None
+    return NativeDecoder(model, library(), weights) if available(model) else None
