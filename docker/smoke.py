@@ -18,6 +18,8 @@ def check(cond: bool, what: str) -> None:
 
 
 check(httpx.get(f"{api}/health", timeout=10).json()["status"] == "ok", "GET /health")
+check(httpx.get(f"{api}/", timeout=10).json()["model"]["native_decode"] is True,
+      "GET / says the cached model decodes with the native step (compiled in the container)")
 for model_type in ("untrained", "basic", "cached"):
     r = httpx.post(f"{api}/predict", json={"input_text": "Once upon a time", "model_type": model_type,
                                            "temperature": 0, "max_new_tokens": 20}, timeout=120)
