@@ -11,7 +11,7 @@ import random
 import pytest
 
 from conftest import ANIMALS, NAMES, PLACES, THINGS
-from test_server import server
+from helpers import server
 
 pytestmark = pytest.mark.slow
 ENDINGS = ["sun went down.", "\"What a nice thing!\"", "little fox named Tom.", "very happy."]

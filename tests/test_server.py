@@ -4,53 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
-import subprocess
-import sys
+import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
 
 from conftest import run_slm
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def server(model, **env):
-    port = free_port()
-    full_env = {**os.environ, "SLM_THREADS": "1", **{f"SLM_{k.upper()}": str(v) for k, v in env.items()}}
-    proc = subprocess.Popen([sys.executable, "-m", "slm.cli", "serve", "--model", str(model), "--port", str(port)],
-                            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):  # bounded wait for start-up
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stdout.read()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        else:
-            raise RuntimeError("server did not become healthy in 30 s")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            out, _ = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        assert "Traceback" not in out, out
+from helpers import app_server, free_port, server
+from slm.evaluate import sliding_windows
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -66,12 +29,15 @@ def api(served):
 
 
 def post(url, path, body, **kw):
-    return httpx.post(f"{url}{path}", json=body, timeout=120, **kw)
+    """POST JSON as clients send it: ASCII with \\u escapes, so a lone surrogate can be sent."""
+    headers = {"content-type": "application/json", **kw.pop("headers", {})}
+    return httpx.post(f"{url}{path}", content=json.dumps(body), headers=headers, **{"timeout": 120, **kw})
 
 
 def test_root_health_models_metrics(api):
     root = httpx.get(api).json()
     assert root["name"] == "slm" and root["model"]["parameters"] > 1e5 and root["device"] == "cpu"
+    assert "path" not in root["model"] and "/" not in json.dumps(root["model"])  # GET / is open: no file paths
     assert httpx.get(f"{api}/health").json()["status"] == "ok"
     models = httpx.get(f"{api}/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "best"
@@ -202,11 +168,51 @@ def test_openai_client(api):
     ("/v1/completions", {"prompt": "hi", "presence_penalty": -3}, "presence_penalty"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 6}, "logprobs"),
     ("/detokenize", {"tokens": [10**6]}, "tokens"),
+    ("/v1/completions", {"prompt": "a\ud800b"}, "prompt"),  # a lone surrogate: not encodable as UTF-8
+    ("/v1/completions", {"prompt": ["ok", "a\ud800b"]}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "stop": "a\udfffb"}, "stop"),
+    ("/predict", {"input_text": "a\ud800b"}, "input_text"),
+    ("/tokenize", {"prompt": "a\ud800b"}, "prompt"),
+    ("/v1/completions", {"prompt": [5] * 20_000, "max_tokens": 0, "echo": True, "logprobs": 5}, "prompt"),
+    ("/v1/completions", {"prompt": [[5] * 9_000, [5] * 9_000], "max_tokens": 1}, "prompt"),  # 16,384 in all
+    ("/v1/completions", {"prompt": "hi", "stop": "x" * 201}, "stop"),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1e-300}, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "hi", "temperature": 1e300}, "temperature"),
 ])
 def test_bad_requests_get_422_naming_the_field(api, path, body, field):
     r = post(api, path, body)
     assert r.status_code == 422, r.text
     assert field in r.json()["detail"]
+    assert all(set(e) == {"field", "message"} for e in r.json()["errors"])  # the documented ErrorResponse
+
+
+# The engine's sampling at every extreme its bounds allow (and the issue's four requests that once killed it).
+EXTREMES = [
+    ("/v1/completions", {"temperature": 0.8, "top_p": 1e-50}),
+    ("/v1/completions", {"temperature": 1e-40}),
+    ("/v1/completions", {"temperature": 0.8, "repetition_penalty": 1e-300}),
+    ("/predict", {"temperature": 1e-40, "model_type": "basic"}),
+    ("/v1/completions", {"temperature": 5e-324, "top_p": 5e-324, "min_p": 5e-324}),  # 0 in float32: refused
+    ("/v1/completions", {"temperature": 1e-4, "top_p": 5e-324, "min_p": 5e-324}),
+    ("/v1/completions", {"temperature": 1e-38, "repetition_penalty": 0.01, "frequency_penalty": -2,
+                         "presence_penalty": -2}),
+    ("/v1/completions", {"temperature": 5.0, "repetition_penalty": 10, "frequency_penalty": 2, "presence_penalty": 2,
+                         "min_p": 1.0}),
+    ("/v1/completions", {"temperature": 5.0, "top_k": 10**18, "top_p": 1.0}),
+    ("/predict", {"temperature": 1e-45, "top_k": 1, "top_p": 1e-45, "model_type": "untrained"}),
+]
+
+
+def test_no_sampling_setting_breaks_the_engine(api):
+    for path, settings in EXTREMES:
+        prompt = {"input_text": "Once upon a time", "max_new_tokens": 8} if path == "/predict" else \
+            {"prompt": "Once upon a time", "max_tokens": 8}
+        r = post(api, path, {**prompt, **settings})
+        assert r.status_code in (200, 422), (settings, r.text)
+    r = post(api, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0.8})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+    health = httpx.get(f"{api}/health").json()
+    assert health["status"] == "ok" and health["engine_restarts"] == 0
 
 
 def test_prompt_forms_give_choices_in_order(api):
@@ -278,13 +284,32 @@ def test_generation_logprobs(api):
 
 
 def test_malformed_bodies(api):
-    r = httpx.post(f"{api}/predict", content=b"{not json", headers={"content-type": "application/json"})
+    json_type = {"content-type": "application/json"}
+    r = httpx.post(f"{api}/predict", content=b"{not json", headers=json_type)
     assert r.status_code == 422
     error = r.json()
     assert error["errors"][0]["field"] == "body" and error["detail"].startswith("body: invalid JSON at position 1")
-    r = httpx.post(f"{api}/predict", content=b"x" * 2_000_000, headers={"content-type": "application/json"})
+    r = httpx.post(f"{api}/predict", content=b"x" * 2_000_000, headers=json_type)
     assert r.status_code == 413
+    r = httpx.post(f"{api}/v1/completions", content=b'{"prompt": "\xff\xfe"}', headers=json_type)
+    assert r.status_code == 422 and "UTF-8" in r.json()["detail"] and r.json()["errors"][0]["field"] == "body"
+    r = httpx.post(f"{api}/v1/completions", content=b"[" * 100_000 + b"]" * 100_000, headers=json_type)
+    assert r.status_code == 422 and "nested too deeply" in r.json()["detail"]
     assert httpx.get(f"{api}/health").status_code == 200  # still alive
+
+
+def test_chunked_body_over_the_limit_gets_413(api):
+    """No Content-Length to check: the limit holds on the bytes as they arrive."""
+    def chunks():
+        for _ in range(40):  # 2.6 MB, over the 1 MB limit
+            yield b" " * 65536
+
+    r = httpx.post(f"{api}/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over 1000000 bytes" in r.json()["detail"]
+    small = b'{"prompt": "Once", "max_tokens": 2}'
+    r = httpx.post(f"{api}/v1/completions", content=iter([small[:10], small[10:]]),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 200  # a chunked body under the limit is read as before
 
 
 def test_sixteen_concurrent_requests_each_get_what_they_get_alone(api):
@@ -348,28 +373,239 @@ def test_ignore_eos_generates_exactly_max_tokens(api):
     assert out["usage"]["completion_tokens"] == 200 and out["choices"][0]["finish_reason"] == "length"
 
 
-def test_full_queue_answers_429(trained):
-    with server(trained, max_batch=1, max_queue=2) as url:
+def slow_down(engine, seconds: float = 0.01) -> None:
+    """Every decode step of every variant takes at least ``seconds``: then only a deadline or the length
+    limit can end a long generation, on any CPU."""
+    for variant in engine.engines.values():
+        def step(real=variant.step):
+            time.sleep(seconds)
+            return real()
+        variant.step = step
+
+
+UNENDING = {"input_text": "Once", "model_type": "untrained", "temperature": 0}  # greedy here never emits EOT
+
+
+def test_full_queue_answers_429_with_retry_after(trained):
+    with app_server(trained, max_batch=1, max_queue=2) as (url, engine):
+        slow_down(engine)  # 100 tokens >= 1 s: all ten requests arrive while the first runs
+
         async def flood():
             async with httpx.AsyncClient(timeout=120) as client:
-                return await asyncio.gather(*[client.post(f"{url}/predict", json={
-                    "input_text": "Once", "max_new_tokens": 300, "model_type": "basic"}) for _ in range(10)])
+                return await asyncio.gather(*[client.post(f"{url}/predict", json={**UNENDING, "max_new_tokens": 100})
+                                              for _ in range(10)])
 
-        responses = asyncio.run(flood())
-        codes = sorted(r.status_code for r in responses)
-        # The two queued requests always get through; a third may too if the worker admitted the first
-        # before the rest arrived (a race on how fast the requests come in, not a bug).
-        assert codes.count(200) >= 2 and 429 in codes, codes
-        assert all("queue is full" in r.json()["detail"] for r in responses if r.status_code == 429)
+        codes = sorted(r.status_code for r in asyncio.run(flood()))
+        # Two wait in the queue; a third gets through if the worker admitted the first before the rest came.
+        assert codes.count(200) in (2, 3) and codes.count(429) == 10 - codes.count(200), codes
+        # Refused before the body is read or parsed (a 429 must cost next to nothing): even a broken body gets it.
+        engine.max_queue = 0
+        r = httpx.post(f"{url}/predict", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1" and "queue is full" in r.json()["detail"]
+        engine.max_queue = 2
         assert httpx.get(f"{url}/health").status_code == 200
 
 
 def test_request_timeout_gives_504(trained):
-    with server(trained, request_timeout=0.2) as url:
-        # Greedy on the random model never emits end-of-text here, so only the time limit can end it.
-        r = post(url, "/predict", {"input_text": "Once", "max_new_tokens": 1000, "model_type": "untrained",
-                                   "temperature": 0})
+    with app_server(trained, request_timeout=0.5) as (url, engine):
+        slow_down(engine)  # 1,000 tokens take >= 10 s: only the 0.5 s deadline can end these
+        r = post(url, "/predict", {**UNENDING, "max_new_tokens": 1000})
         assert r.status_code == 504 and "timeout" in r.json()["detail"]
+        body = {"prompt": "Once", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            lines = [line for line in r.iter_lines() if line]
+        # A stream cut short by the deadline ends with an error event (OpenAI's clients raise on it), not "stop".
+        assert lines[-1] == "data: [DONE]"
+        last = json.loads(lines[-2][6:])
+        assert last["error"]["code"] == 504 and "timeout" in last["error"]["message"]
+        assert not any('"finish_reason": "stop"' in line for line in lines)
+
+
+@pytest.fixture
+def slow_scoring(monkeypatch):
+    """Each batch of scored windows takes >= 50 ms, and is counted: the list grows by one per batch."""
+    import slm.server.engine as engine_module
+
+    batches: list[int] = []
+    real = engine_module.score_batches
+
+    def score_batches(*args, **kwargs):
+        for part in real(*args, **kwargs):
+            batches.append(1)
+            time.sleep(0.05)
+            yield part
+
+    monkeypatch.setattr(engine_module, "score_batches", score_batches)
+    return batches
+
+
+LONG_SCORING = {"prompt": [5, 6, 7, 8] * 1000, "max_tokens": 0, "echo": True, "logprobs": 1}
+LONG_WINDOWS = len(sliding_windows(4000, 64, 32))  # batches of one window at the tiny models' context of 64
+
+
+def test_scoring_counts_against_the_request_timeout(trained, slow_scoring):
+    with app_server(trained, request_timeout=1.0) as (url, _):
+        r = post(url, "/v1/completions", LONG_SCORING)
+        assert r.status_code == 504, r.text[:200]
+        assert 0 < len(slow_scoring) < LONG_WINDOWS  # stopped at the deadline, not run to its end
+
+
+def wait_until_steady(counter: list, tries: int = 20) -> int:
+    """The counter's length once it stopped growing over half a second (bounded: 10 s)."""
+    last = -1
+    for _ in range(tries):
+        if len(counter) == last:
+            break
+        last = len(counter)
+        time.sleep(0.5)
+    return len(counter)
+
+
+def test_scoring_stops_when_the_client_goes_away(trained, slow_scoring):
+    with app_server(trained) as (url, _):
+        with pytest.raises(httpx.ReadTimeout):
+            post(url, "/v1/completions", LONG_SCORING, timeout=1.0)
+        assert 0 < wait_until_steady(slow_scoring) < LONG_WINDOWS * 0.8
+
+
+def test_scoring_shares_the_worker_with_decoding(trained, slow_scoring):
+    with app_server(trained) as (url, _):
+        scoring = {}
+        thread = threading.Thread(target=lambda: scoring.update(r=post(url, "/v1/completions", LONG_SCORING)))
+        thread.start()
+        for _ in range(100):  # bounded: 10 s
+            if slow_scoring:
+                break
+            time.sleep(0.1)
+        r = post(url, "/v1/completions", {"prompt": "Once", "max_tokens": 8, "ignore_eos": True, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+        assert "r" not in scoring and len(slow_scoring) < LONG_WINDOWS  # the 8 tokens did not wait for the long job
+        thread.join(timeout=60)
+        assert scoring["r"].status_code == 200 and len(slow_scoring) == LONG_WINDOWS
+
+
+def test_a_failing_decode_step_fails_only_its_requests(trained):
+    with app_server(trained) as (url, engine):
+        cached = engine.engines["cached"]
+
+        def failing_step(real=cached.step):
+            cached.step = real  # fail once
+            raise RuntimeError("injected fault")
+
+        cached.step = failing_step
+        r = post(url, "/v1/completions", {"prompt": "Once", "max_tokens": 4})
+        assert r.status_code == 500 and "req-" in r.json()["detail"] and "carries on" in r.json()["detail"]
+        for model_type in ("cached", "basic"):
+            assert post(url, "/predict", {"input_text": "Once", "max_new_tokens": 4,
+                                          "model_type": model_type}).status_code == 200
+        health = httpx.get(f"{url}/health").json()
+        assert health["status"] == "ok" and health["engine_restarts"] == 0
+
+
+def test_a_sampling_failure_ends_only_its_own_sequence(trained, monkeypatch):
+    import slm.generation as generation
+
+    real = generation.sample
+
+    def sample(logits, params, generator):
+        if params.seed == 666:
+            raise RuntimeError("injected fault")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(generation, "sample", sample)
+    with app_server(trained) as (url, _):
+        bodies = [{"input_text": "Once upon a time", "max_new_tokens": 30, "temperature": 1.0, "seed": seed}
+                  for seed in (1, 2, 666, 3)]
+        alone = [post(url, "/predict", b).json().get("result") for b in bodies]
+
+        async def together():
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(*[client.post(f"{url}/predict", json=b) for b in bodies])
+
+        responses = asyncio.run(together())
+        assert [r.status_code for r in responses] == [200, 200, 500, 200]
+        assert [r.json()["result"] for i, r in enumerate(responses) if i != 2] == [alone[0], alone[1], alone[3]]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's death, on purpose
+def test_a_dead_worker_is_restarted(trained):
+    with app_server(trained) as (url, engine):
+        def die(real=engine._admit):
+            engine._admit = real
+            raise SystemExit  # not an Exception: the worker thread ends (as it would on a bug we cannot catch)
+
+        engine._admit = die
+        r = post(url, "/predict", {"input_text": "Once", "max_new_tokens": 4}, timeout=30)
+        assert r.status_code == 500 and "req-" in r.json()["detail"]  # answered, not left waiting
+        health = httpx.get(f"{url}/health").json()
+        assert health["status"] == "ok" and health["engine_restarts"] == 1
+        assert post(url, "/predict", {"input_text": "Once", "max_new_tokens": 4}).status_code == 200
+
+
+def test_long_tokenization_does_not_stall_the_event_loop(trained):
+    with app_server(trained) as (url, engine):
+        started, release = threading.Event(), threading.Event()
+        real = engine.tokenizer.encode
+
+        def slow_encode(text):
+            if len(text) > 10_000:
+                started.set()
+                release.wait(20)
+            return real(text)
+
+        engine.tokenizer.encode = slow_encode
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(r=post(url, "/tokenize", {"prompt": "a b " * 5000})))
+        thread.start()
+        assert started.wait(20)
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # served while the tokenizer works
+        release.set()
+        thread.join(timeout=30)
+        assert result["r"].status_code == 200 and result["r"].json()["count"] > 0
+
+
+def closed_by_server(sock: socket.socket, send: bytes = b"", tries: int = 100) -> bool:
+    """Send ``send`` a byte every 0.1 s (or just wait); True once the server has closed the connection."""
+    sock.settimeout(0.1)
+    for i in range(tries):
+        try:
+            if send:
+                sock.sendall(send[i % len(send): i % len(send) + 1])
+            if sock.recv(1) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except OSError:  # reset or broken pipe: closed
+            return True
+    return False
+
+
+def test_idle_and_trickling_connections_are_closed(trained):
+    with server(trained, header_timeout=0.5) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as idle, \
+                socket.create_connection(("127.0.0.1", port)) as trickle:
+            trickle.sendall(b"GET /health HTTP/1.1\r\n")
+            assert closed_by_server(trickle, send=b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaa")  # headers never end
+            assert closed_by_server(idle)
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_connections_are_capped(trained):
+    with server(trained, max_connections=4) as url:
+        port = int(url.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
+        try:
+            time.sleep(0.2)  # let the server accept them
+            assert httpx.get(f"{url}/health").status_code == 503
+        finally:
+            for sock in held:
+                sock.close()
+        for _ in range(50):  # bounded: the closed sockets are noticed within a few event-loop turns
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+            time.sleep(0.1)
+        assert httpx.get(f"{url}/health").status_code == 200
 
 
 def test_bearer_token_auth_and_cors(trained):
@@ -383,6 +619,11 @@ def test_bearer_token_auth_and_cors(trained):
         r = post(url, "/predict", {"input_text": "hi", "max_new_tokens": 3},
                  headers={"Authorization": "Bearer sekrit"})
         assert r.status_code == 200
+        r = post(url, "/predict", {"input_text": "hi", "max_new_tokens": 3},
+                 headers={"Authorization": "bearer sekrit"})  # the scheme is case-insensitive (RFC 7235)
+        assert r.status_code == 200
+        r = post(url, "/predict", {"input_text": "hi", "max_new_tokens": 3}, headers={"Authorization": "sekrit"})
+        assert r.status_code == 401
         # A browser's preflight carries no credentials: CORS answers it before the key is checked.
         r = httpx.options(f"{url}/predict", headers={"Origin": origin, "Access-Control-Request-Method": "POST",
                                                      "Access-Control-Request-Headers": "authorization"})

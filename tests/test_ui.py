@@ -13,7 +13,7 @@ import httpx
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from test_server import free_port, server
+from helpers import free_port, server
 
 APP = Path(__file__).resolve().parents[1] / "src" / "slm" / "ui" / "app.py"
 

@@ -107,7 +107,7 @@ def _load_model(name: str, threads: int | None = None):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from slm.generation import Engine, GenerationError, SamplingParams
+    from slm.generation import Engine, GenerationError, SamplingParams, raise_failed
 
     if not args.prompt:
         raise GenerationError("--prompt is empty: give some text to continue")
@@ -128,6 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(args.prompt, end="", flush=True)
     while not seq.finished:
         engine.step()
+        raise_failed([seq])
         if args.stream and not args.json:
             print(seq.take_text(), end="", flush=True)
     seconds = time.perf_counter() - started

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,16 +40,20 @@ class TokenScores:
     top_ids: list[list[int]]
     top_logprobs: list[list[float]]
 
+    def extend(self, other: TokenScores) -> None:
+        self.logprobs += other.logprobs
+        self.top_ids += other.top_ids
+        self.top_logprobs += other.top_logprobs
+
 
 @torch.inference_mode()
-def score_token_logprobs(model: GPT, ids: list[int], top_n: int = 0, batch_size: int = 8,
-                         stride: int | None = None) -> TokenScores:
-    """The model's log-probability of every token after the first, with a sliding window past the context
-    (the forward pass of `slm eval` and of the server's ``logprobs``/``echo``)."""
+def score_batches(model: GPT, ids: list[int], top_n: int = 0, batch_size: int = 8,
+                  stride: int | None = None) -> Iterator[TokenScores]:
+    """The scores of :func:`score_token_logprobs` one batch of windows at a time, in order, so a caller
+    (the server's worker) can interleave other work, check a deadline or stop between batches."""
     context = model.config.context_length
     windows = sliding_windows(len(ids), context, stride or max(1, context // 2))
     device = model.wte.weight.device
-    scores = TokenScores([], [], [])
     for i in range(0, len(windows), batch_size):
         chunk = windows[i : i + batch_size]
         x = torch.zeros(len(chunk), context, dtype=torch.long)
@@ -56,15 +61,26 @@ def score_token_logprobs(model: GPT, ids: list[int], top_n: int = 0, batch_size:
             inp = ids[b : min(b + context, len(ids) - 1)]
             x[row, : len(inp)] = torch.tensor(inp)
         logprobs = torch.log_softmax(model(x.to(device)).float(), dim=-1)
+        part = TokenScores([], [], [])
         for row, (b, first) in enumerate(chunk):
             n = min(context, len(ids) - 1 - b)  # targets ids[b+1 : b+1+n]
             rows = logprobs[row, first:n]
             targets = torch.tensor(ids[b + 1 + first : b + 1 + n], device=rows.device)
-            scores.logprobs += rows.gather(1, targets[:, None])[:, 0].tolist()
+            part.logprobs += rows.gather(1, targets[:, None])[:, 0].tolist()
             if top_n:
                 top = rows.topk(top_n, dim=-1)
-                scores.top_ids += top.indices.tolist()
-                scores.top_logprobs += top.values.tolist()
+                part.top_ids += top.indices.tolist()
+                part.top_logprobs += top.values.tolist()
+        yield part
+
+
+def score_token_logprobs(model: GPT, ids: list[int], top_n: int = 0, batch_size: int = 8,
+                         stride: int | None = None) -> TokenScores:
+    """The model's log-probability of every token after the first, with a sliding window past the context
+    (the forward pass of `slm eval` and of the server's ``logprobs``/``echo``)."""
+    scores = TokenScores([], [], [])
+    for part in score_batches(model, ids, top_n, batch_size, stride):
+        scores.extend(part)
     return scores
 
 

@@ -20,6 +20,19 @@ from slm.native import decoder_for as native_decoder
 from slm.tokenizer import StreamDecoder, Tokenizer
 
 MAX_NEW_TOKENS_LIMIT = 100_000
+# Bounds of the sampling settings, used by SamplingParams and by the server's request schema. Each is
+# representable in float32 and keeps every logit finite, so no setting inside them can break sampling.
+TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-4, 5.0  # or exactly 0 (greedy): a smaller one would round to 0 in float32
+PENALTY_RANGE = (-2.0, 2.0)  # frequency and presence penalties (OpenAI's range)
+REPETITION_PENALTY_RANGE = (0.01, 10.0)
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 200
+
+
+TEMPERATURE_RULE = f"must be 0 (greedy) or between {TEMPERATURE_MIN:g} and {TEMPERATURE_MAX:g}"
+
+
+def temperature_ok(t: float) -> bool:
+    return t == 0 or TEMPERATURE_MIN <= t <= TEMPERATURE_MAX  # NaN fails both
 
 
 class GenerationError(ValueError):
@@ -50,22 +63,27 @@ class SamplingParams:
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise GenerationError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, "
                                   f"got {self.max_new_tokens}")
-        if not self.temperature >= 0:  # also rejects NaN
-            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not temperature_ok(self.temperature):
+            raise GenerationError(f"temperature {TEMPERATURE_RULE}, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
             raise GenerationError(f"top_k must be >= 0 (0 or None = off), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
         for name in ("frequency_penalty", "presence_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                raise GenerationError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
-        if not self.repetition_penalty > 0:
-            raise GenerationError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+            if not PENALTY_RANGE[0] <= getattr(self, name) <= PENALTY_RANGE[1]:
+                raise GenerationError(f"{name} must be between {PENALTY_RANGE[0]} and {PENALTY_RANGE[1]}, "
+                                      f"got {getattr(self, name)}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise GenerationError(f"repetition_penalty must be between {low} and {high} (1 = off), "
+                                  f"got {self.repetition_penalty}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise GenerationError(f"min_p must be in [0, 1], got {self.min_p}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(s for s in self.stop if s)
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise GenerationError(f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
 
 
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor,
@@ -89,7 +107,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One token from ``logits [vocab]``: greedy at temperature 0, else temperature, top-k, top-p, min-p."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
+    # Shift the top logit to 0 before dividing: however small the temperature, the top token stays finite
+    # (probability 1 in the limit) instead of inf - inf = NaN.
+    logits = (logits.float() - logits.max()) / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -99,7 +119,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.top_p is not None and params.top_p < 1:
         sorted_probs, order = torch.sort(probs, descending=True)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ranked above
-        sorted_probs[before >= params.top_p] = 0  # the top token always survives (before = 0)
+        cut = before >= params.top_p
+        cut[0] = False  # the top token always survives, also for a top_p that float32 rounds to 0
+        sorted_probs[cut] = 0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -116,7 +138,8 @@ class SequenceState:
     text: str = ""
     emitted: int = 0  # characters of `text` already handed out by take_text()
     finished: bool = False
-    finish_reason: str | None = None  # "length" | "stop" | "eot" | "cancelled"
+    finish_reason: str | None = None  # "length" | "stop" | "eot" | "cancelled" | "error"
+    error: BaseException | None = None  # why sampling failed for this sequence (finish_reason "error")
     needs_prefill: bool = True
     generator: torch.Generator | None = None
     decoder: StreamDecoder | None = None
@@ -229,11 +252,22 @@ class Engine:
                 tokens[i] = t
         for i, seq in enumerate(self.active):
             if seq.params.temperature != 0:
-                tokens[i] = sample(logits[i], seq.params, seq.generator)
+                try:
+                    tokens[i] = sample(logits[i], seq.params, seq.generator)
+                except Exception as e:  # one sequence's failure ends that sequence, not its batch
+                    seq.finished, seq.finish_reason, seq.error = True, "error", e
+                    produced.append((seq, -1))
+                    continue
             self._append(seq, tokens[i])
             produced.append((seq, tokens[i]))
         self._drop_finished()
         return produced
+
+    def reset(self) -> None:
+        """Forget every sequence (after a failed step: the cache rows may be half written)."""
+        for seq in self.active:
+            seq.finished, seq.finish_reason = True, seq.finish_reason or "error"
+        self.active = []
 
     # ---- internals ------------------------------------------------------------------------------------
     def _logits_uncached(self) -> torch.Tensor:
@@ -320,6 +354,13 @@ class Engine:
         self.active = keep
 
 
+def raise_failed(seqs: Sequence[SequenceState]) -> None:
+    """Raise the first sequence's sampling error: the engine records it, callers of the library see it."""
+    for seq in seqs:
+        if seq.error is not None:
+            raise seq.error
+
+
 def _as_lists(tokens: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
     if isinstance(tokens, torch.Tensor):
         if tokens.dim() != 2:
@@ -362,6 +403,7 @@ def generate(
         seqs.append(engine.add(p, params))
     while engine.active:
         engine.step()
+    raise_failed(seqs)
     if isinstance(tokens, torch.Tensor):
         pad = engine.eot_id if engine.eot_id is not None else 0
         out = [s.prompt + s.generated + [pad] * (max_new_tokens - len(s.generated)) for s in seqs]
@@ -388,6 +430,7 @@ def stream(
     seq = engine.add(ids, SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop), **controls))
     while not seq.finished:
         engine.step()
+        raise_failed([seq])
         piece = seq.take_text()
         if piece:
             yield piece

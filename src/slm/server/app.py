@@ -14,16 +14,18 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
 import slm
 from slm.checkpoint import load, resolve
 from slm.generation import GenerationError
 from slm.model import GPT
+from slm.server.connections import uvicorn_config
 from slm.server.engine import ServingEngine
 from slm.server.guard import Guard
 from slm.server.metrics import Metrics
-from slm.server.routes import Served, router
+from slm.server.routes import FieldProblem, Served, router
 from slm.server.settings import Settings
 
 log = logging.getLogger("slm.server")
@@ -37,10 +39,9 @@ def build_engine(settings: Settings, metrics: Metrics) -> tuple[ServingEngine, d
     untrained = GPT(model.config).eval()  # same shape, random initialisation
     engine = ServingEngine({"cached": (model, True), "basic": (model, False), "untrained": (untrained, True)},
                            tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue, metrics=metrics)
-    path = resolve(settings.model)
-    info = {"name": path.name, "path": str(path), "parameters": model.num_parameters(),
+    info = {"name": resolve(settings.model).name, "parameters": model.num_parameters(),
             "config": model.config.to_dict(), "tokenizer": tokenizer.kind,
-            "native_decode": engine.engines["cached"].native is not None}
+            "native_decode": engine.engines["cached"].native is not None}  # no filesystem path: GET / is open
     return engine, info
 
 
@@ -57,6 +58,16 @@ def validation_errors(exc: RequestValidationError) -> list[dict]:
     return errors
 
 
+def body_error(exc: StarletteHTTPException) -> dict | None:
+    """What was wrong with a body FastAPI could not parse (it only says "error parsing the body")."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return {"field": "body", "message": f"not valid UTF-8 (byte {cause.start}): send JSON in UTF-8"}
+    if isinstance(cause, RecursionError):
+        return {"field": "body", "message": "JSON nested too deeply"}
+    return None
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     served = Served(settings, Metrics())
@@ -65,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         served.engine, served.info = await asyncio.to_thread(build_engine, settings, served.metrics)
         served.engine.start()
-        log.info("serving %s (%s parameters); decode step: %s", served.info["path"],
+        log.info("serving %s (%s parameters); decode step: %s", resolve(settings.model),
                  f"{served.info['parameters']:,}",
                  "native (C)" if served.info["native_decode"] else "PyTorch")
         yield
@@ -83,7 +94,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         served.metrics.request(path if path in static_paths else None, status)
 
     # Added first, so it runs inside CORS: a browser's preflight needs no API key.
-    app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes, count=count)
+    app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+                       body_timeout=settings.body_timeout, count=count,
+                       busy=lambda: served.engine is not None and served.engine.full)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -96,9 +109,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         text = "; ".join(f"{e['field'] or 'body'}: {e['message']}" for e in errors)
         return JSONResponse({"detail": text, "errors": errors}, status_code=422)
 
+    @app.exception_handler(FieldProblem)
+    async def field_problem(request: Request, exc: FieldProblem):
+        return JSONResponse({"detail": str(exc), "errors": [{"field": exc.field, "message": exc.message}]},
+                            status_code=422)
+
     @app.exception_handler(GenerationError)
     async def generation_error(request: Request, exc: GenerationError):
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        return JSONResponse({"detail": str(exc), "errors": []}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        problem = body_error(exc) if exc.status_code == 400 else None
+        if problem is not None:
+            return JSONResponse({"detail": f"body: {problem['message']}", "errors": [problem]}, status_code=422)
+        return JSONResponse({"detail": str(exc.detail), "errors": []}, status_code=exc.status_code,
+                            headers=exc.headers)
 
     return app
 
@@ -111,4 +137,4 @@ def run_server(model: str | None = None, host: str | None = None, port: int | No
     if not Path(path).is_dir():
         raise ValueError(f"checkpoint directory not found: {path}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()

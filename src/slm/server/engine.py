@@ -4,22 +4,36 @@ Requests wait in a bounded queue; at every decode step the worker moves waiting 
 slots (continuous batching: a request joins the running batch at the next step), steps each model that
 has work, and hands each produced text piece to its request's asyncio queue. The event loop only ever
 waits on those queues, so it never blocks on the model.
+
+Scoring jobs (``logprobs``/``echo``) run on the same worker, one batch of windows per round, so a long
+text shares the worker with decoding instead of holding it, and stops at its deadline or when its client
+goes away.
+
+Failures stay with their requests: a sampling error ends its own sequence, a failed forward pass fails the
+requests of that batch, and anything else fails what was in flight; each is answered with a 500 that
+names the request (the traceback goes to the log) and the worker carries on. A worker thread that died
+anyway is restarted on the next look at it (``alive``, ``submit``), and /health reports the restarts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from slm.evaluate import TokenScores, score_token_logprobs
-from slm.generation import Engine, SamplingParams, SequenceState
+from slm.evaluate import TokenScores, score_batches
+from slm.generation import Engine, GenerationError, SamplingParams, SequenceState
 from slm.model import GPT
 from slm.tokenizer import Tokenizer
+
+log = logging.getLogger("slm.server")
 
 
 class QueueFull(Exception):
@@ -27,13 +41,30 @@ class QueueFull(Exception):
 
 
 @dataclass
-class Request:
+class Failure:
+    """Why the engine could not finish a request: the HTTP status and a message for the client."""
+
+    status: int
+    message: str
+
+
+class EngineFailure(RuntimeError):
+    """A scoring job that failed inside the engine (HTTP 500; the traceback is in the log)."""
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex[:16]}"
+
+
+@dataclass
+class GenerationRequest:
     variant: str
     prompt: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
+    id: str = field(default_factory=new_request_id)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    deadline: float = float("inf")
+    deadline: float = float("inf")  # time.perf_counter() value
     cancelled: bool = False
     seq: SequenceState | None = None
     submitted: float = field(default_factory=time.perf_counter)
@@ -46,59 +77,74 @@ class Request:
 
 @dataclass
 class ScoreJob:
-    """Log-probabilities of a token sequence (``logprobs``/``echo``), run on the worker between decode steps."""
+    """Log-probabilities of a token sequence (``logprobs``/``echo``), computed a batch of windows per round."""
 
     ids: list[int]
     top_n: int
     future: asyncio.Future
+    parts: Iterator[TokenScores]
+    id: str = field(default_factory=new_request_id)
+    deadline: float = float("inf")
+    cancelled: bool = False
+    scores: TokenScores = field(default_factory=lambda: TokenScores([], [], []))
 
 
-def deliver(events: list[tuple[Request, str, object]]) -> None:
+def deliver(events: list[tuple[GenerationRequest, str, object]]) -> None:
     """Hand a decode step's events to their requests: one wake-up of each event loop per step, not one per
     request, which matters when the event loop and the model share a few cores."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Request, str, object]]] = {}
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationRequest, str, object]]] = {}
     for event in events:
         by_loop.setdefault(event[0].loop, []).append(event)
     for loop, batch in by_loop.items():
         loop.call_soon_threadsafe(_put_all, batch)
 
 
-def _resolve(future: asyncio.Future, result: object) -> None:
-    if not future.done():
-        future.set_result(result)
-
-
-def _fail(future: asyncio.Future, message: str) -> None:
-    if not future.done():
-        future.set_exception(RuntimeError(message))
-
-
-def _put_all(batch: list[tuple[Request, str, object]]) -> None:
+def _put_all(batch: list[tuple[GenerationRequest, str, object]]) -> None:
     for req, kind, payload in batch:
         req.events.put_nowait((kind, payload))
 
 
+def _settle(future: asyncio.Future, result: object = None, error: BaseException | None = None) -> None:
+    """Resolve a future from the worker thread (on its own loop; a future already cancelled stays so)."""
+    def settle() -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    future.get_loop().call_soon_threadsafe(settle)
+
+
+def engine_fault(request_id: str) -> Failure:
+    return Failure(500, f"request {request_id} failed in the generation engine; the server log has the details "
+                        "(the server carries on)")
+
+
 class ServingEngine:
-    """Owns the models (one copy each) and the worker thread that decodes for every request."""
+    """Owns the models (one copy each) and the worker thread that decodes for every request.
+
+    ``variants``: name -> (model, use the KV cache); ``scorer`` names the variant that scores texts.
+    """
 
     def __init__(self, variants: dict[str, tuple[GPT, bool]], tokenizer: Tokenizer, max_batch: int = 16,
-                 max_queue: int = 64, metrics=None) -> None:
+                 max_queue: int = 64, metrics=None, scorer: str = "cached") -> None:
         self.tokenizer = tokenizer
         self.engines = {name: Engine(model, tokenizer, max_batch=max_batch, use_cache=use_cache)
                         for name, (model, use_cache) in variants.items()}
+        self.scorer = self.engines[scorer].model
         self.max_queue = max_queue
         self.metrics = metrics
-        self._waiting: collections.deque[Request] = collections.deque()
-        self._running: dict[int, Request] = {}  # id(seq) -> request
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._running: dict[int, GenerationRequest] = {}  # id(seq) -> request
         self._scoring: collections.deque[ScoreJob] = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="slm-engine", daemon=True)
-        self.error: BaseException | None = None
+        self._started = self._stop = False
+        self._thread = self._new_thread()
+        self.restarts = 0  # times the worker failed and carried on, or died and was restarted
+        self.last_error: str | None = None
 
     # ---- called from the event loop ------------------------------------------------------------------
     def start(self) -> None:
+        self._started = True
         self._thread.start()
 
     def stop(self) -> None:
@@ -109,77 +155,126 @@ class ServingEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        self.ensure_worker()
+        return self._thread.is_alive()
 
     @property
     def context_length(self) -> int:
-        return self.engines["cached"].model.config.context_length
+        return self.scorer.config.context_length
 
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)
 
-    def submit(self, request: Request) -> None:
+    @property
+    def full(self) -> bool:
+        """Whether a new generation would be refused (read without the lock: a cheap early refusal)."""
+        return len(self._waiting) >= self.max_queue
+
+    def submit(self, request: GenerationRequest) -> None:
+        self.ensure_worker()
         with self._wake:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
             self._waiting.append(request)
             self._wake.notify()
 
-    def score(self, ids: list[int], top_n: int = 0) -> asyncio.Future[TokenScores]:
-        """Queue a scoring pass on the trained model; await the returned future for its TokenScores."""
-        job = ScoreJob(ids, top_n, asyncio.get_running_loop().create_future())
+    def score(self, ids: list[int], top_n: int = 0, deadline: float = float("inf")) -> ScoreJob:
+        """Queue a scoring pass on the scoring model; await ``job.future`` for its TokenScores."""
+        job = ScoreJob(ids, top_n, asyncio.get_running_loop().create_future(),
+                       score_batches(self.scorer, ids, top_n, batch_size=1), deadline=deadline)
+        self.ensure_worker()
         with self._wake:
             if len(self._scoring) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} scoring requests waiting); retry later")
             self._scoring.append(job)
             self._wake.notify()
-        return job.future
+        return job
 
-    def cancel(self, request: Request) -> None:
+    def cancel(self, request: GenerationRequest | ScoreJob) -> None:
         request.cancelled = True  # the worker drops it before its next step
         with self._wake:
             self._wake.notify()
 
-    # ---- the worker thread ---------------------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            with torch.inference_mode():
-                while True:
-                    with self._wake:
-                        while not self._stop and not self._waiting and not self._running and not self._scoring:
-                            self._wake.wait()
-                        if self._stop:
-                            return
-                        self._admit()
-                        job = self._scoring.popleft() if self._scoring else None
-                    if job is not None:  # one scoring pass per round, so decoding keeps flowing
-                        self._score(job)
-                    self._reap()
-                    for name, engine in self.engines.items():
-                        if engine.active:
-                            self._step(name, engine)
-        except BaseException as e:  # surface through /health rather than dying silently
-            self.error = e
-            for req in list(self._running.values()) + list(self._waiting):
-                req.emit("error", "the generation engine failed; see the server log")
-            for job in self._scoring:
-                job.future.get_loop().call_soon_threadsafe(_fail, job.future, "the generation engine failed")
-            raise
+    def ensure_worker(self) -> None:
+        """Start a new worker if the last one died (``_run`` survives every Exception; this covers the rest)."""
+        with self._wake:
+            if not self._started or self._stop or self._thread.is_alive():
+                return
+            log.error("the engine's worker thread had stopped; restarting it")
+            self.restarts += 1
+            self._fail_in_flight()
+            self._thread = self._new_thread()
+            self._thread.start()
 
-    def _score(self, job: ScoreJob) -> None:
-        if job.future.cancelled():
-            return
+    # ---- the worker thread ---------------------------------------------------------------------------
+    def _new_thread(self) -> threading.Thread:
+        return threading.Thread(target=self._run, name="slm-engine", daemon=True)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                try:
+                    self._serve()
+                    return
+                except Exception as e:  # not one request's fault: fail what was in flight and carry on
+                    log.exception("the generation engine failed; failing the requests in flight and carrying on")
+                    self.last_error = f"{type(e).__name__}: {e}"
+                    self.restarts += 1
+                    with self._wake:
+                        self._fail_in_flight()
+
+    def _serve(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not self._waiting and not self._running and not self._scoring:
+                    self._wake.wait()
+                if self._stop:
+                    return
+                self._admit()
+                job = self._scoring.popleft() if self._scoring else None
+            if job is not None and not self._score_step(job):  # one batch of windows per round
+                with self._wake:
+                    self._scoring.append(job)  # round robin between scoring jobs
+            self._reap()
+            for name, engine in self.engines.items():
+                if engine.active:
+                    self._step(name, engine)
+
+    def _fail_in_flight(self) -> None:
+        """Answer every running, waiting and scoring request with a 500 (called with the lock held)."""
+        for req in [*self._running.values(), *self._waiting]:
+            req.emit("error", engine_fault(req.id))
+            self._finished("error")
+        self._running.clear()
+        self._waiting.clear()
+        for engine in self.engines.values():
+            engine.reset()
+        for job in self._scoring:
+            _settle(job.future, error=EngineFailure(engine_fault(job.id).message))
+        self._scoring.clear()
+
+    def _score_step(self, job: ScoreJob) -> bool:
+        """Score the job's next batch of windows; True when the job is over (done, failed, late or cancelled)."""
+        if job.cancelled or job.future.cancelled():
+            return True
+        if time.perf_counter() > job.deadline:
+            _settle(job.future, error=TimeoutError("scoring took longer than the request timeout"))
+            return True
         try:
-            result = score_token_logprobs(self.engines["cached"].model, job.ids, job.top_n)
-        except ValueError as e:
-            job.future.get_loop().call_soon_threadsafe(_fail, job.future, str(e))
-            return
-        job.future.get_loop().call_soon_threadsafe(_resolve, job.future, result)
+            job.scores.extend(next(job.parts))
+        except StopIteration:
+            _settle(job.future, job.scores)
+            return True
+        except Exception as e:
+            log.error("scoring request %s failed", job.id, exc_info=e)
+            _settle(job.future, error=EngineFailure(engine_fault(job.id).message))
+            return True
+        return False
 
     def _admit(self) -> None:
         """Move waiting requests into free batch slots (called with the lock held)."""
-        keep: collections.deque[Request] = collections.deque()
+        keep: collections.deque[GenerationRequest] = collections.deque()
         while self._waiting:
             req = self._waiting.popleft()
             engine = self.engines[req.variant]
@@ -191,8 +286,12 @@ class ServingEngine:
                 continue
             try:
                 req.seq = engine.add(req.prompt, req.params)
-            except ValueError as e:
-                req.emit("error", str(e))
+            except GenerationError as e:
+                req.emit("error", Failure(422, str(e)))
+                continue
+            except Exception as e:
+                log.error("request %s could not join the batch", req.id, exc_info=e)
+                req.emit("error", engine_fault(req.id))
                 continue
             req.started = time.perf_counter()
             self._running[id(req.seq)] = req
@@ -207,26 +306,45 @@ class ServingEngine:
                 self.engines[req.variant].cancel(req.seq)
                 req.seq.finish_reason = reason
                 del self._running[key]
-                if self.metrics:
-                    self.metrics.finished(reason)
+                self._finished(reason)
                 req.emit("done", req.seq)
 
     def _step(self, name: str, engine: Engine) -> None:
         if self.metrics:
             self.metrics.batch(name, len(engine.active))
-        events: list[tuple[Request, str, object]] = []
-        for seq, _token in engine.step():
+        try:
+            produced = engine.step()
+        except Exception as e:  # the forward pass touched every row of this batch: fail those, keep the rest
+            failed = [req for req in self._running.values() if req.variant == name]
+            log.error("a decode step of %s failed for %s", name, ", ".join(r.id for r in failed), exc_info=e)
+            for req in failed:
+                del self._running[id(req.seq)]
+                self._finished("error")
+                req.emit("error", engine_fault(req.id))
+            engine.reset()
+            return
+        events: list[tuple[GenerationRequest, str, object]] = []
+        for seq, _token in produced:
             req = self._running.get(id(seq))
             if req is None:
+                continue
+            if seq.error is not None:
+                log.error("request %s failed while sampling", req.id, exc_info=seq.error)
+                del self._running[id(seq)]
+                self._finished("error")
+                events.append((req, "error", engine_fault(req.id)))
                 continue
             piece = seq.take_text()
             if piece and req.wants_text:
                 events.append((req, "text", piece))
             if seq.finished:
                 del self._running[id(seq)]
-                if self.metrics:
-                    self.metrics.finished(seq.finish_reason)
+                self._finished(seq.finish_reason)
                 events.append((req, "done", seq))
         deliver(events)
         if self.metrics:
             self.metrics.queue(len(self._waiting))
+
+    def _finished(self, reason: str | None) -> None:
+        if self.metrics:
+            self.metrics.finished(reason)

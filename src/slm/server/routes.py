@@ -14,25 +14,46 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import slm
 from slm.evaluate import TokenScores
 from slm.generation import SamplingParams, SequenceState
-from slm.server.engine import QueueFull, ServingEngine
-from slm.server.engine import Request as GenRequest
+from slm.server.engine import EngineFailure, Failure, GenerationRequest, QueueFull, ScoreJob, ServingEngine
+from slm.server.guard import RETRY_AFTER_SECONDS
 from slm.server.metrics import Metrics
 from slm.server.schemas import (
     CompletionRequest,
     DetokenizeRequest,
+    ErrorResponse,
     PredictRequest,
     PredictResponse,
     TokenizeRequest,
 )
 from slm.server.settings import Settings
 
-router = APIRouter()
+ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
+    401: "missing or wrong API key (when the server has one)",
+    408: "the body took too long to arrive",
+    413: "the body is over the size limit",
+    422: "a field that cannot be used; `errors` names it",
+    429: "the queue is full: retry after `Retry-After` seconds",
+    499: "the client closed the request",
+    500: "the engine failed on this request (the server carries on)",
+    503: "the model is not loaded, or the server is at its connection limit",
+    504: "the request took longer than the request timeout",
+}.items()}
+router = APIRouter(responses=ERRORS)
+TOKENIZE_OFF_LOOP_CHARS = 2_000  # longer texts are tokenized in a thread, so the event loop keeps serving
+
+
+class FieldProblem(Exception):
+    """A field the model or the server's limits cannot take (422 naming it)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
 
 
 @dataclass
@@ -63,34 +84,60 @@ def running_engine(s: Served) -> ServingEngine:
 
 
 # ---- request plumbing -----------------------------------------------------------------------------------
-def sampling_params(s: Served, max_new: int, temperature: float, top_k, top_p, seed, stop=(),
+def sampling_params(s: Served, field: str, max_new: int, temperature: float, top_k, top_p, seed, stop=(),
                     ignore_eos: bool = False, controls: dict | None = None) -> SamplingParams:
     if max_new > s.settings.max_new_tokens:
-        raise HTTPException(422, f"max_new_tokens/max_tokens: at most {s.settings.max_new_tokens}, got {max_new}")
-    return SamplingParams(max_new, temperature, top_k or None, top_p, seed, tuple(stop or ()),
-                          stop_at_eot=not ignore_eos, **(controls or {}))
+        raise FieldProblem(field, f"at most {s.settings.max_new_tokens}, got {max_new}")
+    return SamplingParams(max_new_tokens=max_new, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                          seed=seed, stop=tuple(stop or ()), stop_at_eot=not ignore_eos, **(controls or {}))
 
 
-def encode_prompt(s: Served, text: str, field: str) -> list[int]:
+async def encode_prompt(s: Served, text: str, field: str) -> list[int]:
     if len(text) > s.settings.max_prompt_chars:
-        raise HTTPException(422, f"{field}: at most {s.settings.max_prompt_chars} characters, got {len(text)}")
-    ids = running_engine(s).tokenizer.encode(text)
+        raise FieldProblem(field, f"at most {s.settings.max_prompt_chars} characters, got {len(text)}")
+    ids = await encode(running_engine(s), text)
     if not ids:
-        raise HTTPException(422, f"{field}: the prompt encodes to no tokens")
+        raise FieldProblem(field, "the prompt encodes to no tokens")
     return ids
 
 
-def submit(s: Served, variant: str, ids: list[int], params: SamplingParams, stream: bool = False) -> GenRequest:
-    req = GenRequest(variant, ids, params, asyncio.get_running_loop(),
-                     deadline=time.perf_counter() + s.settings.request_timeout, wants_text=stream)
+async def encode(engine: ServingEngine, text: str) -> list[int]:
+    if len(text) > TOKENIZE_OFF_LOOP_CHARS:
+        return await asyncio.to_thread(engine.tokenizer.encode, text)
+    return engine.tokenizer.encode(text)
+
+
+def check_prompt_tokens(s: Served, ids: list[list[int]]) -> None:
+    """The request's prompts together: their tokens bound the prefill and scoring work it can ask for."""
+    total = sum(map(len, ids))
+    if total > s.settings.max_prompt_tokens:
+        raise FieldProblem("prompt", f"at most {s.settings.max_prompt_tokens} tokens in all, got {total}")
+
+
+def too_busy(e: QueueFull) -> HTTPException:
+    return HTTPException(429, str(e), headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def submit(s: Served, variant: str, ids: list[int], params: SamplingParams, deadline: float,
+           stream: bool = False) -> GenerationRequest:
+    req = GenerationRequest(variant, ids, params, asyncio.get_running_loop(), deadline=deadline, wants_text=stream)
     try:
         running_engine(s).submit(req)
     except QueueFull as e:
-        raise HTTPException(429, str(e)) from e
+        raise too_busy(e) from e
     return req
 
 
-async def events(s: Served, req: GenRequest, http: Request) -> AsyncIterator[tuple[str, object]]:
+def deadline(s: Served) -> float:
+    """When the request must be done: generation and scoring count against one timeout."""
+    return time.perf_counter() + s.settings.request_timeout
+
+
+def timed_out(s: Served) -> HTTPException:
+    return HTTPException(504, f"the request took longer than the request timeout ({s.settings.request_timeout:g} s)")
+
+
+async def events(s: Served, req: GenerationRequest, http: Request) -> AsyncIterator[tuple[str, object]]:
     """The request's events until it is done; a client that goes away cancels the generation."""
     checked = time.monotonic()
     try:
@@ -103,6 +150,7 @@ async def events(s: Served, req: GenRequest, http: Request) -> AsyncIterator[tup
             # generation nobody will read stops within a second, streamed or not.
             if time.monotonic() - checked >= 0.5:
                 checked = time.monotonic()
+                s.engine.ensure_worker()  # a worker that died is restarted, and fails this request if it held it
                 if await http.is_disconnected():
                     running_engine(s).cancel(req)
                     return
@@ -117,18 +165,40 @@ async def events(s: Served, req: GenRequest, http: Request) -> AsyncIterator[tup
             running_engine(s).cancel(req)
 
 
-async def run_to_end(s: Served, req: GenRequest, http: Request) -> SequenceState:
+async def run_to_end(s: Served, req: GenerationRequest, http: Request) -> SequenceState:
     seq = None
     async for kind, payload in events(s, req, http):
         if kind == "error":
-            raise HTTPException(500, str(payload))
+            raise HTTPException(payload.status, payload.message)
         if kind == "done":
             seq = payload
     if seq is None or seq.finish_reason == "cancelled":
         raise HTTPException(499, "client closed the request")
     if seq.finish_reason == "timeout":
-        raise HTTPException(504, f"generation took longer than the request timeout ({s.settings.request_timeout} s)")
+        raise timed_out(s)
     return seq
+
+
+async def scores_of(s: Served, ids: list[int], top_n: int, until: float, http: Request) -> TokenScores:
+    """Score ``ids`` on the engine's worker; a client that goes away cancels the job."""
+    try:
+        job: ScoreJob = running_engine(s).score(ids, top_n, until)
+    except QueueFull as e:
+        raise too_busy(e) from e
+    try:
+        while True:
+            done, _ = await asyncio.wait({job.future}, timeout=0.5)
+            if done:
+                return job.future.result()
+            if await http.is_disconnected():
+                raise HTTPException(499, "client closed the request")
+    except TimeoutError as e:
+        raise timed_out(s) from e
+    except EngineFailure as e:
+        raise HTTPException(500, str(e)) from e
+    finally:
+        if not job.future.done():
+            running_engine(s).cancel(job)
 
 
 def timing(started: float, n: int) -> dict:
@@ -147,17 +217,20 @@ async def root(s: Served = Depends(served)):
 @router.get("/health")
 async def health(s: Served = Depends(served)):
     if not s.running:
-        return JSONResponse({"status": "unavailable"}, status_code=503)
-    return {"status": "ok", "model": s.model_id(), "queue_depth": s.engine.queue_depth}
+        return JSONResponse({"status": "unavailable", "detail": "the model is not loaded or the engine is not running",
+                             "errors": []}, status_code=503)
+    return {"status": "ok", "model": s.model_id(), "queue_depth": s.engine.queue_depth,
+            "engine_restarts": s.engine.restarts, "last_engine_error": s.engine.last_error}
 
 
 @router.post("/predict", response_model=PredictResponse)
 async def predict(body: PredictRequest, http: Request, s: Served = Depends(served)):
-    params = sampling_params(s, body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed,
-                             controls=body.controls())
-    ids = encode_prompt(s, body.input_text, "input_text")
+    until = deadline(s)
+    params = sampling_params(s, "max_new_tokens", body.max_new_tokens, body.temperature, body.top_k, body.top_p,
+                             body.seed, controls=body.controls())
+    ids = await encode_prompt(s, body.input_text, "input_text")
     started = time.perf_counter()
-    seq = await run_to_end(s, submit(s, body.model_type, ids, params), http)
+    seq = await run_to_end(s, submit(s, body.model_type, ids, params, until), http)
     seconds = time.perf_counter() - started
     n = len(seq.generated)
     s.metrics.generated(body.model_type, "/predict", n, seconds)
@@ -197,13 +270,13 @@ def finish_reason(seq: SequenceState | None) -> str:
     return "length" if seq is None or seq.finish_reason == "length" else "stop"
 
 
-def prompt_ids(s: Served, prompt: str | list[int], field: str) -> list[int]:
+async def prompt_ids(s: Served, prompt: str | list[int], field: str) -> list[int]:
     if isinstance(prompt, str):
-        return encode_prompt(s, prompt, field)
+        return await encode_prompt(s, prompt, field)
     vocab = running_engine(s).tokenizer.vocab_size
     bad = next((t for t in prompt if not 0 <= t < vocab), None)
     if bad is not None:
-        raise HTTPException(422, f"{field}: token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        raise FieldProblem(field, f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
     return list(prompt)
 
 
@@ -233,38 +306,39 @@ def top_alternatives(tokenizer, scores: TokenScores, j: int, token: int) -> dict
 
 
 async def complete_one(s: Served, index: int, prompt: str | list[int], ids: list[int], body: CompletionRequest,
-                       params: SamplingParams | None, http: Request) -> tuple[dict, int, int]:
+                       params: SamplingParams | None, until: float, http: Request) -> tuple[dict, int, int]:
     """One prompt's choice, with its prompt and completion token counts."""
-    seq = await run_to_end(s, submit(s, "cached", ids, params), http) if params else None
+    seq = await run_to_end(s, submit(s, "cached", ids, params, until), http) if params else None
     generated = seq.generated if seq else []
     text = seq.text if seq else ""
     logprobs = None
     if body.logprobs is not None:
         everything = ids + generated
-        try:
-            scores = await running_engine(s).score(everything, body.logprobs)
-        except QueueFull as e:
-            raise HTTPException(429, str(e)) from e
+        scores = await scores_of(s, everything, body.logprobs, until, http)
         logprobs = logprobs_object(running_engine(s).tokenizer, everything, scores, 0 if body.echo else len(ids))
     if body.echo:
         text = (prompt if isinstance(prompt, str) else running_engine(s).tokenizer.decode(ids)) + text
     return choice(index, text, finish_reason(seq), logprobs), len(ids), len(generated)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses={200: {
+    "description": "a text_completion object; with `stream: true`, server-sent events of its chunks",
+    "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}})
 async def completions(body: CompletionRequest, http: Request, s: Served = Depends(served)):
+    until = deadline(s)
     params = None
     if body.max_tokens > 0:
-        params = sampling_params(s, body.max_tokens, body.temperature, body.top_k, body.top_p, body.seed,
-                                 body.stop, body.ignore_eos, body.controls())
+        params = sampling_params(s, "max_tokens", body.max_tokens, body.temperature, body.top_k, body.top_p,
+                                 body.seed, body.stop, body.ignore_eos, body.controls())
     prompts = body.prompts()
-    if body.stream:
-        return stream_completion(s, body, prompts[0], params, http)
-    started = time.perf_counter()
     # Every prompt is checked before any is submitted, so a bad one costs no generation.
-    fields = ["prompt"] if isinstance(body.prompt, str) else [f"prompt[{i}]" for i in range(len(prompts))]
-    ids = [prompt_ids(s, p, f) for p, f in zip(prompts, fields, strict=True)]
-    results = await asyncio.gather(*(complete_one(s, i, p, ids[i], body, params, http)
+    fields = ["prompt"] if len(prompts) == 1 else [f"prompt[{i}]" for i in range(len(prompts))]
+    ids = [await prompt_ids(s, p, f) for p, f in zip(prompts, fields, strict=True)]
+    check_prompt_tokens(s, ids)
+    if body.stream:
+        return stream_completion(s, body, prompts[0], ids[0], params, until, http)
+    started = time.perf_counter()
+    results = await asyncio.gather(*(complete_one(s, i, p, ids[i], body, params, until, http)
                                      for i, p in enumerate(prompts)))
     completion = Completion(s, sum(r[1] for r in results), started)
     n = sum(r[2] for r in results)
@@ -272,11 +346,15 @@ async def completions(body: CompletionRequest, http: Request, s: Served = Depend
     return completion.response([r[0] for r in results], n)
 
 
-def stream_completion(s: Served, body: CompletionRequest, prompt: str | list[int], params: SamplingParams | None,
-                      http: Request) -> StreamingResponse:
-    ids = prompt_ids(s, prompt, "prompt")
+def stream_error(failure: Failure) -> str:
+    """An error event, as OpenAI's API sends one mid-stream (its clients raise on it)."""
+    return f"data: {json.dumps({'error': {'message': failure.message, 'code': failure.status}})}\n\n"
+
+
+def stream_completion(s: Served, body: CompletionRequest, prompt: str | list[int], ids: list[int],
+                      params: SamplingParams | None, until: float, http: Request) -> StreamingResponse:
     completion = Completion(s, len(ids))
-    req = submit(s, "cached", ids, params, stream=True) if params else None
+    req = submit(s, "cached", ids, params, until, stream=True) if params else None
 
     async def sse() -> AsyncIterator[str]:
         if body.echo:
@@ -289,8 +367,11 @@ def stream_completion(s: Served, body: CompletionRequest, prompt: str | list[int
                 if kind == "text":
                     yield f"data: {json.dumps(completion.chunk(payload, None))}\n\n"
                 elif kind == "error":
-                    yield f"data: {json.dumps({'error': {'message': str(payload)}})}\n\n"
-                    return
+                    yield stream_error(payload)
+                    break
+                elif kind == "done" and payload is not None and payload.finish_reason == "timeout":
+                    yield stream_error(Failure(504, timed_out(s).detail))  # cut short: not a normal end
+                    break
                 elif kind == "done" and payload is not None:
                     n = len(payload.generated)
                     s.metrics.generated("cached", "/v1/completions", n, time.perf_counter() - completion.started)
@@ -304,14 +385,14 @@ def stream_completion(s: Served, body: CompletionRequest, prompt: str | list[int
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, s: Served = Depends(served)):
     """vLLM's /tokenize (lm-evaluation-harness uses it to tokenize with the server's own tokenizer)."""
-    tokens = running_engine(s).tokenizer.encode(body.prompt)
+    tokens = await encode(running_engine(s), body.prompt)
     return {"count": len(tokens), "max_model_len": running_engine(s).context_length, "tokens": tokens}
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, s: Served = Depends(served)):
     tokenizer = running_engine(s).tokenizer
-    prompt_ids(s, body.tokens, "tokens")
+    await prompt_ids(s, body.tokens, "tokens")
     return {"prompt": tokenizer.decode(body.tokens)}
 
 
@@ -329,8 +410,9 @@ async def models(s: Served = Depends(served)):
     return {"object": "list", "data": [{"id": s.model_id(), "object": "model", "created": 0, "owned_by": "slm"}]}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def prometheus(s: Served = Depends(served)):
+    """Prometheus' text format."""
     if s.engine is not None:
         s.metrics.queue(s.engine.queue_depth)
-    return Response(generate_latest(s.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return PlainTextResponse(generate_latest(s.metrics.registry), media_type=CONTENT_TYPE_LATEST)

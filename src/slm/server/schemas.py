@@ -1,21 +1,68 @@
-"""Request and response bodies. Bounds live here, so a bad field gets a 422 that names it."""
+"""Request and response bodies. Bounds live here (the sampling ones come from slm.generation), so a bad
+field gets a 422 that names it and the OpenAPI document says what is accepted."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+from slm.generation import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    PENALTY_RANGE,
+    REPETITION_PENALTY_RANGE,
+    TEMPERATURE_MAX,
+    TEMPERATURE_RULE,
+    temperature_ok,
+)
 
 ModelType = Literal["untrained", "basic", "cached"]
+
+
+def encodable(text: str) -> str:
+    """Refuse a lone surrogate (JSON can carry "\\ud800"; UTF-8, and so the tokenizer, cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"contains a lone surrogate (U+{ord(text[e.start]):04X}) at character {e.start}; "
+                         "send valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(encodable)]
+StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS), AfterValidator(encodable)]
+def temperature(t: float) -> float:
+    if not temperature_ok(t):
+        raise ValueError(TEMPERATURE_RULE)
+    return t
+
+
+Temperature = Annotated[float, Field(ge=0.0, le=TEMPERATURE_MAX, allow_inf_nan=False,
+                                     description=f"sampling temperature: {TEMPERATURE_RULE}"),
+                        AfterValidator(temperature)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 class RepetitionControls(BaseModel):
     """Penalties against repeating, and min-p (same meaning as in slm.generation.SamplingParams)."""
 
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    frequency_penalty: float = Field(0.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1], allow_inf_nan=False)
+    presence_penalty: float = Field(0.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1], allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
+                                      allow_inf_nan=False)
+    min_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
 
     def controls(self) -> dict:
         return {k: getattr(self, k) for k in RepetitionControls.model_fields}
@@ -25,13 +72,13 @@ class PredictRequest(RepetitionControls):
     """The original playground's request, plus generation settings."""
 
     model_config = ConfigDict(extra="forbid")
-    input_text: str = Field(min_length=1, description="the prompt")
+    input_text: TextPrompt = Field(description="the prompt")
     model_type: ModelType = "cached"
     max_new_tokens: int = Field(50, ge=1)
-    temperature: float = Field(0.8, ge=0.0, le=5.0, allow_inf_nan=False)
+    temperature: Temperature = 0.8
     top_k: int | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    top_p: TopP | None = None
+    seed: Seed | None = None
 
 
 class PredictResponse(BaseModel):
@@ -48,6 +95,32 @@ class PredictResponse(BaseModel):
 
 MAX_PROMPTS = 32  # prompts in one /v1/completions request
 Prompt = str | list[int]  # text, or token ids
+# OpenAI's four forms, each non-empty (the token ids' upper bound, the vocabulary, is checked per model).
+TextPrompt = Annotated[str, Field(min_length=1), AfterValidator(encodable)]
+IdsPrompt = Annotated[list[TokenId], Field(min_length=1)]
+
+
+def prompt_form(v: object) -> str:
+    """Which of the four forms a prompt is in, so a bad one is reported against that form alone."""
+    if isinstance(v, str):
+        return "text"
+    first = v[0] if isinstance(v, list) and v else None
+    return "texts" if isinstance(first, str) else "id_lists" if isinstance(first, list) else "ids"
+
+
+PromptField = Annotated[
+    Annotated[TextPrompt, Tag("text")]
+    | Annotated[list[TextPrompt], Field(min_length=1, max_length=MAX_PROMPTS), Tag("texts")]
+    | Annotated[IdsPrompt, Tag("ids")]
+    | Annotated[list[IdsPrompt], Field(min_length=1, max_length=MAX_PROMPTS), Tag("id_lists")],
+    Discriminator(prompt_form),
+]
+
+
+StopField = Annotated[
+    Annotated[StopText, Tag("text")] | Annotated[list[StopText], Field(max_length=MAX_STOP_STRINGS), Tag("texts")],
+    Discriminator(lambda v: "text" if isinstance(v, str) else "texts"),
+]
 
 
 class CompletionRequest(RepetitionControls):
@@ -56,42 +129,23 @@ class CompletionRequest(RepetitionControls):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
     model: str | None = None
     # OpenAI's four forms: a string, strings, token ids, lists of token ids (read by `prompts()`).
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: PromptField
     max_tokens: int = Field(16, ge=0)  # 0: no generation (with echo: score the prompt)
-    temperature: float = Field(1.0, ge=0.0, le=5.0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
     top_k: int | None = Field(None, ge=0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: StopField | None = None
+    seed: Seed | None = None
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
     ignore_eos: bool = False  # vLLM's extension: generate past <|endoftext|> (fixed-length benchmarks)
     logprobs: int | None = Field(None, ge=0, le=5)  # log-probabilities of each token and its top-N rivals
     echo: bool = False  # return the prompt in front of the completion (with its log-probabilities)
 
-    @field_validator("prompt")
-    @classmethod
-    def some_prompt(cls, v: str | list) -> str | list:
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("the prompt list is empty")
-            prompts = v if isinstance(v[0], str | list) else [v]
-            if len(prompts) > MAX_PROMPTS:
-                raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
-            for i, p in enumerate(prompts):
-                if not p:
-                    raise ValueError(f"prompt {i} is empty")
-        elif not v:
-            raise ValueError("the prompt is empty")
-        return v
-
     @field_validator("stop")
     @classmethod
     def stops(cls, v: str | list[str] | None) -> list[str]:
-        v = [v] if isinstance(v, str) else list(v or [])
-        if len(v) > 4:
-            raise ValueError("at most 4 stop strings")
-        return v
+        return [v] if isinstance(v, str) else list(v or [])
 
     @model_validator(mode="after")
     def streamable(self) -> CompletionRequest:
@@ -112,10 +166,22 @@ class TokenizeRequest(BaseModel):
     """vLLM's /tokenize body (``add_special_tokens`` is accepted; this tokenizer adds none)."""
 
     model: str | None = None
-    prompt: str = Field(max_length=1_000_000)
+    prompt: Text = Field(max_length=1_000_000)
     add_special_tokens: bool = True
 
 
 class DetokenizeRequest(BaseModel):
     model: str | None = None
-    tokens: list[int] = Field(max_length=1_000_000)
+    tokens: list[TokenId] = Field(max_length=1_000_000)
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="the field, dotted (`prompt.0`), or `body` for the body as a whole")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error the API answers (4xx, 5xx): one line for people, and per-field problems for programs."""
+
+    detail: str
+    errors: list[FieldError] = []

@@ -15,9 +15,14 @@ class Settings:
     max_batch: int = 16  # sequences decoded together per model
     max_queue: int = 64  # requests waiting for a batch slot; beyond this, 429
     max_new_tokens: int = 1024  # upper bound a request may ask for
-    max_prompt_chars: int = 20_000
-    max_body_bytes: int = 1_000_000
-    request_timeout: float = 120.0  # seconds a request may take in all
+    max_prompt_chars: int = 20_000  # characters of one text prompt
+    max_prompt_tokens: int = 16_384  # tokens of all a request's prompts together (text or token ids)
+    max_body_bytes: int = 1_000_000  # counted as the bytes arrive, chunked or not
+    request_timeout: float = 120.0  # seconds a request may take in all, generation and scoring
+    header_timeout: float = 10.0  # seconds a connection may take to send a request's headers
+    body_timeout: float = 30.0  # seconds a client may take to send a request's body
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection is kept open
+    max_connections: int = 512  # open connections and requests in progress; beyond this, 503
     api_key: str = ""  # when set, requests need "Authorization: Bearer <key>"
     cors_origins: str = ""  # comma-separated origins; empty = CORS off
     threads: int = 0  # torch CPU threads; 0 = torch's default
