@@ -94,9 +94,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         served.metrics.request(path if path in static_paths else None, status)
 
     # Added first, so it runs inside CORS: a browser's preflight needs no API key.
+    app.state.count = count
     app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
-                       body_timeout=settings.body_timeout, count=count,
-                       busy=lambda: served.engine is not None and served.engine.full)
+                       body_timeout=settings.body_timeout, count=count)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

@@ -1,6 +1,5 @@
-"""What every request passes before the endpoints: bearer-token auth, early refusal when the engine's queue
-is full, the request body read whole under a byte limit and a time limit, and per-request metrics; a plain
-ASGI middleware.
+"""What every request passes before the endpoints: bearer-token auth, the request body read whole under a
+byte limit and a time limit, per-request metrics and the access log; a plain ASGI middleware.
 
 Plain ASGI rather than FastAPI's @app.middleware("http"): that one (Starlette's BaseHTTPMiddleware) sits
 between the endpoint and the client's connection and hides a client that went away from
@@ -15,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import Callable
 
 from starlette.datastructures import Headers
@@ -22,10 +22,11 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("slm.server")
+access_log = logging.getLogger("slm.access")
 
 OPEN_PATHS = ("/health", "/", "/docs", "/openapi.json", "/metrics")
 GENERATION_PATHS = ("/predict", "/v1/completions")  # refused up front while the engine's queue is full
-RETRY_AFTER_SECONDS = 1
+RETRY_AFTER_SECONDS = 1  # what a 429 tells the client to wait
 
 
 class BodyRefused(Exception):
@@ -37,16 +38,12 @@ def error(status: int, detail: str, **headers: str) -> JSONResponse:
     return JSONResponse({"detail": detail, "errors": []}, status_code=status, headers=headers or None)
 
 
-def queue_full() -> JSONResponse:
-    return error(429, "the queue is full; retry later", **{"Retry-After": str(RETRY_AFTER_SECONDS)})
-
-
 class Guard:
     def __init__(self, app: ASGIApp, api_key: str, max_body_bytes: int, body_timeout: float,
-                 count: Callable[[Scope, int], None], busy: Callable[[], bool]) -> None:
+                 count: Callable[[Scope, int], None]) -> None:
         self.app, self.max_body_bytes, self.body_timeout = app, max_body_bytes, body_timeout
         self.expected_auth = f"bearer {api_key}".encode() if api_key else None
-        self.count, self.busy = count, busy
+        self.count = count
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,12 +57,20 @@ class Guard:
                 refusal = e.response
         if refusal is not None:
             self.count(scope, refusal.status_code)
+            self.log(scope, refusal.status_code, time.perf_counter())
             await refusal(scope, receive, send)
             return
         await self.call_app(scope, receive, send)
 
+    @staticmethod
+    def log(scope: Scope, status: int, started: float) -> None:
+        client = scope.get("client") or ("-", 0)
+        access_log.info('%s:%s "%s %s" %d %.1f ms', client[0], client[1], scope["method"], scope["path"], status,
+                        (time.perf_counter() - started) * 1000)
+
     async def call_app(self, scope: Scope, receive: Receive, send: Send) -> None:
         status: int | None = None
+        started = time.perf_counter()
 
         async def send_and_note(message: Message) -> None:
             nonlocal status
@@ -81,6 +86,7 @@ class Guard:
                 await error(500, "internal server error")(scope, receive, send)
             status = 500
         self.count(scope, status or 500)  # routing has put the matched route into scope
+        self.log(scope, status or 500, started)
 
     def refuse(self, path: str, headers: Headers) -> JSONResponse | None:
         """The response that turns the request away before anything reads its body, or None to let it in."""
@@ -89,8 +95,6 @@ class Guard:
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             return error(413, f"request body over {self.max_body_bytes} bytes")
-        if path in GENERATION_PATHS and self.busy():  # before the body is read or parsed: a 429 costs ~nothing
-            return queue_full()
         return None
 
     def authorized(self, headers: Headers) -> bool:

@@ -13,7 +13,10 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch: int = 16  # sequences decoded together per model
-    max_queue: int = 64  # requests waiting for a batch slot; beyond this, 429
+    # Requests waiting for a batch slot; beyond this, 429. One batch's worth: an admitted request waits about
+    # one generation at most (docs/serving.md measures 16, 32 and 64 under a retry storm).
+    max_queue: int = 16
+    shed_delay: float = 1.0  # seconds a refused generation is held before its 429 (= Retry-After; tames storms)
     max_new_tokens: int = 1024  # upper bound a request may ask for
     max_prompt_chars: int = 20_000  # characters of one text prompt
     max_prompt_tokens: int = 16_384  # tokens of all a request's prompts together (text or token ids)
