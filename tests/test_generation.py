@@ -181,10 +181,51 @@ def test_stream_never_splits_a_character(trained):
     ({"presence_penalty": -3}, "presence_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"min_p": 1.5}, "min_p"),
+    ({"temperature": 1e-40}, "temperature"),  # 0 in float32 but not greedy: refused
+    ({"temperature": 5.5}, "temperature"),
+    ({"repetition_penalty": 1e-300}, "repetition_penalty"),
+    ({"stop": ["x" * 201]}, "stop"),
 ])
 def test_bad_settings_raise_value_errors_naming_the_field(tiny_model, kwargs, field):
     with pytest.raises(ValueError, match=field):
         generate(tiny_model, [[1, 2, 3]], **kwargs)
+
+
+@pytest.mark.parametrize("settings", [
+    {"temperature": 1e-4},
+    {"temperature": 1e-4, "top_p": 5e-324},  # top_p rounds to 0 in float32: the top token still survives
+    {"temperature": 5.0, "top_k": 10**18, "min_p": 1.0},
+    {"temperature": 1.0, "min_p": 5e-324},
+])
+def test_sampling_at_the_bounds_gives_a_token(settings):
+    logits = torch.tensor([1e4, -1e4, 0.0, 3.0, 3.0])  # far apart, and a tie
+    token = sample(logits, SamplingParams(**settings), torch.Generator().manual_seed(0))
+    assert 0 <= token < 5
+    if settings.get("temperature") == 1e-4 or settings.get("top_p"):
+        assert token == 0  # as good as greedy
+
+
+def test_a_sampling_error_ends_its_own_sequence_only(tiny_model, monkeypatch):
+    import slm.generation as generation
+
+    real = generation.sample
+
+    def sample_or_fail(logits, params, generator):
+        if params.seed == 666:
+            raise RuntimeError("injected fault")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(generation, "sample", sample_or_fail)
+    engine = Engine(tiny_model, max_batch=3)
+    seqs = [engine.add([1, 2, 3], SamplingParams(max_new_tokens=12, temperature=1.0, seed=s)) for s in (1, 666, 2)]
+    while engine.active:
+        engine.step()
+    assert [s.finish_reason for s in seqs] == ["length", "error", "length"]
+    assert isinstance(seqs[1].error, RuntimeError) and not seqs[1].generated
+    alone = [generate(tiny_model, [[1, 2, 3]], max_new_tokens=12, temperature=1.0, seed=s)[0] for s in (1, 2)]
+    assert [seqs[0].prompt + seqs[0].generated, seqs[2].prompt + seqs[2].generated] == alone
+    with pytest.raises(RuntimeError, match="injected"):  # a library caller sees the error itself
+        generate(tiny_model, [[1, 2, 3]], max_new_tokens=4, temperature=1.0, seed=666)
 
 
 def test_empty_prompt_and_bad_token_ids(tiny_model):
