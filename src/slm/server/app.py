@@ -129,6 +129,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def return_large_buffers_to_the_system() -> None:
+    """glibc raises its mmap threshold to the largest block freed so far (up to 32 MB), after which the
+    logits of a long prefill or scoring window (16 MB at 512 x 8192) come from the heap and stay in the
+    process when freed: one long request grew the server by ~100 MB for good. A fixed 1 MB threshold hands
+    such buffers back (measured: +17 MB after scoring 16,384 tokens, was +130 MB); decode steps allocate
+    far less than 1 MB, so they do not pay for it."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def run_server(model: str | None = None, host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
@@ -137,4 +153,5 @@ def run_server(model: str | None = None, host: str | None = None, port: int | No
     if not Path(path).is_dir():
         raise ValueError(f"checkpoint directory not found: {path}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return_large_buffers_to_the_system()
     uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()
