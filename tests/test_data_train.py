@@ -153,7 +153,7 @@ def test_muon_groups_and_schedule():
 
     model = GPT(get_preset("tiny").config)
     opts = make_optimizers(model, "muon", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), muon_lr=0.02,
-                           muon_momentum=0.95, device=torch.device("cpu"), cpu_has_bf16=False)
+                           muon_momentum=0.95, device=torch.device("cpu"), cpu_bf16_fast=False)
     muon_params = {id(p) for g in opts.named["muon"].param_groups for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in muon_params) == (name.startswith("h.") and p.dim() == 2), name
@@ -168,15 +168,16 @@ def test_muon_newton_schulz_runs_in_fp32_on_a_cpu_without_bf16():
 
     from slm.optim import Muon, newton_schulz, ns_dtype_for
 
-    assert ns_dtype_for(torch.device("cpu"), cpu_has_bf16=False) == torch.float32
-    assert ns_dtype_for(torch.device("cpu"), cpu_has_bf16=True) == torch.bfloat16
-    assert ns_dtype_for(torch.device("cuda"), cpu_has_bf16=False) == torch.bfloat16
+    assert ns_dtype_for(torch.device("cpu"), cpu_bf16_fast=False) == torch.float32
+    assert ns_dtype_for(torch.device("cpu"), cpu_bf16_fast=True) == torch.bfloat16
+    assert ns_dtype_for(torch.device("cuda"), cpu_bf16_fast=False) == torch.bfloat16
     from slm.config import get_preset
+    from slm.cpu import bf16_pays
     from slm.model import GPT
-    from slm.train import cpu_has_bf16, make_optimizer
+    from slm.train import make_optimizer
 
     chosen = make_optimizer(GPT(get_preset("tiny").config), quick_cfg(optimizer="muon"), torch.device("cpu"))
-    assert chosen.named["muon"].ns_dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    assert chosen.named["muon"].ns_dtype == (torch.bfloat16 if bf16_pays() else torch.float32)
 
     def one_step(optimizer_cls, **kw):
         torch.manual_seed(0)

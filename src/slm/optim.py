@@ -55,9 +55,9 @@ class Muon(torch.optim.Muon):
                 param.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
 
 
-def ns_dtype_for(device: torch.device, cpu_has_bf16: bool) -> torch.dtype:
-    """bf16 where it is native (CUDA, CPUs with AVX512-BF16/AMX), fp32 everywhere else."""
-    return torch.bfloat16 if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16) else torch.float32
+def ns_dtype_for(device: torch.device, cpu_bf16_fast: bool) -> torch.dtype:
+    """bf16 on CUDA and on CPUs where it measures fast (slm.cpu.bf16_pays), fp32 everywhere else."""
+    return torch.bfloat16 if device.type == "cuda" or (device.type == "cpu" and cpu_bf16_fast) else torch.float32
 
 
 class Optimizers:
@@ -103,7 +103,7 @@ def adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: tor
 
 
 def make_optimizers(model: torch.nn.Module, kind: str, lr: float, weight_decay: float, betas: tuple[float, float],
-                    muon_lr: float, muon_momentum: float, device: torch.device, cpu_has_bf16: bool) -> Optimizers:
+                    muon_lr: float, muon_momentum: float, device: torch.device, cpu_bf16_fast: bool) -> Optimizers:
     """AdamW on everything (weight decay on block matrices only), or Muon on block matrices + AdamW on the rest."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"--optimizer {kind!r}: choose {' or '.join(OPTIMIZERS)}")
@@ -114,6 +114,6 @@ def make_optimizers(model: torch.nn.Module, kind: str, lr: float, weight_decay: 
         return Optimizers({"adamw": adamw(groups, lr, betas, device)})
     # Muon's weight decay is lr * wd per step with lr ~0.02: 20x AdamW's at the same wd, so none by default.
     muon = Muon([{"params": matrices, "lr": muon_lr, "base_lr": muon_lr}], lr=muon_lr, momentum=muon_momentum,
-                weight_decay=0.0, ns_dtype=ns_dtype_for(device, cpu_has_bf16))
+                weight_decay=0.0, ns_dtype=ns_dtype_for(device, cpu_bf16_fast))
     rest = adamw([{"params": embeddings + vectors, "weight_decay": 0.0}], lr, betas, device)
     return Optimizers({"muon": muon, "adamw": rest})

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from slm import checkpoint
 from slm.config import ConfigError, ModelConfig, get_preset
+from slm.cpu import bf16_pays
 from slm.data import BatchSampler, eval_windows, load_meta, mixture, open_tokens
 from slm.files import atomic_write, atomic_write_json
 from slm.model import GPT
@@ -117,22 +118,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); without it bf16 autocast is far slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA, and on CPUs with native bf16; fp32 otherwise (auto), or as asked."""
+    """bf16 autocast on CUDA, and on CPUs where bf16 matrix products measure faster (slm.cpu); fp32 otherwise
+    (auto), or as asked."""
     if name not in ("auto", "fp32", "bf16"):
         raise TrainError(f"--dtype {name!r}: choose auto, fp32 or bf16")
     if name == "fp32":
         return None
-    if name == "auto" and (device.type == "mps" or (device.type == "cpu" and not cpu_has_bf16())):
+    if name == "auto" and (device.type == "mps" or (device.type == "cpu" and not bf16_pays())):
         return None
     return torch.bfloat16
 
@@ -148,7 +141,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optimizers:
     """AdamW (weight decay only on the blocks' matrices), or Muon on those matrices + AdamW on the rest."""
     return make_optimizers(model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.muon_lr,
-                           cfg.muon_momentum, device, cpu_has_bf16())
+                           cfg.muon_momentum, device, device.type == "cpu" and bf16_pays())
 
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
