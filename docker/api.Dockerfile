@@ -1,10 +1,11 @@
-# slm-api: the HTTP API with the bundled model. CPU-only PyTorch by default; for a GPU build pass
-#   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124 (and run with --gpus all).
+# slm-api: the HTTP API with the bundled model. torch comes from a wheel in docker/wheels/ or from
+#   --build-arg TORCH_INDEX=<a PyTorch wheel index: the CPU one, or a CUDA one (then run with --gpus all)>;
+#   pytorch.org's install page lists them. Without either, pip's index gives torch's default (CUDA) build.
 ARG BASE=python:3.11-slim
 
 FROM ${BASE} AS build
-# Where pip finds torch: the CPU wheel index (no CUDA libraries); empty = only wheels put in docker/wheels/.
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Where pip finds torch besides docker/wheels/ (empty: only there and pip's own index).
+ARG TORCH_INDEX=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH

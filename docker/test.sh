@@ -51,11 +51,19 @@ if ! docker image inspect python:3.11-slim >/dev/null 2>&1; then
   start=$(date +%s)
   rootfs=$WORK/rootfs
   rm -rf "$rootfs"
-  debootstrap --variant=minbase --include=python3,python3-pip,python3-venv,ca-certificates bookworm "$rootfs" \
-    http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1 || fail "debootstrap; see $WORK/debootstrap.log"
+  # The mirror (and proxy) this machine's apt uses, so a local mirror works: no address is written here.
+  mirror=${DEBIAN_MIRROR:-$(python3 docker/debian_mirror.py bookworm)} || fail "no Debian mirror in apt's sources"
+  proxy=$(apt-config shell P Acquire::http::Proxy | sed -n "s/^P='\(.*\)'$/\1/p")
+  echo "debootstrap from $mirror${proxy:+ via $proxy}"
+  http_proxy=${http_proxy:-$proxy} debootstrap --variant=minbase \
+    --include=python3,python3-pip,python3-venv,ca-certificates bookworm "$rootfs" "$mirror" \
+    >"$WORK/debootstrap.log" 2>&1 || fail "debootstrap; see $WORK/debootstrap.log"
   # pip inside builds must trust what this machine trusts (its registries may sit behind a proxy CA).
   cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
-  printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$rootfs/etc/pip.conf"
+  # ... and use the index this machine's pip uses (a mirror), where it is one a container can reach.
+  index=$("$VENV/bin/pip" config get global.index-url 2>/dev/null | grep -E '^https?://' || true)
+  printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n%s' "${index:+index-url = $index
+}" >"$rootfs/etc/pip.conf"
   rm -rf "$rootfs/var/cache/apt/archives/"*.deb "$rootfs/var/lib/apt/lists/"*
   tar -C "$rootfs" -c . | docker import - python:3.11-slim >/dev/null
   rm -rf "$rootfs"
@@ -64,11 +72,14 @@ fi
 
 log "images"
 rm -f docker/wheels/*.whl
-torch_index=https://download.pytorch.org/whl/cpu
-for dir in ${PIP_FIND_LINKS:-} /opt/wheels; do  # a local torch wheel, where this machine has one
+# The CPU build of torch: a wheel this machine has (pip's find-links), or TORCH_INDEX (a CPU wheel index).
+torch_index=${TORCH_INDEX:-}
+for dir in ${PIP_FIND_LINKS:-} $("$VENV/bin/pip" config get global.find-links 2>/dev/null || true); do
   whl=$(ls "$dir"/torch-2.13.0*cp311*.whl 2>/dev/null | head -1 || true)
-  if [ -n "$whl" ]; then cp "$whl" docker/wheels/ && torch_index= && break; fi
+  if [ -n "$whl" ]; then cp "$whl" docker/wheels/ && break; fi
 done
+ls docker/wheels/torch-*.whl >/dev/null 2>&1 || [ -n "$torch_index" ] || \
+  fail "no local torch 2.13.0 wheel: set TORCH_INDEX to PyTorch's CPU wheel index (see pytorch.org)"
 start=$(date +%s)
 docker build --network host -q -t slm-api -f docker/api.Dockerfile --build-arg TORCH_INDEX="$torch_index" . >/dev/null
 echo "slm-api built in $(( $(date +%s) - start )) s"
