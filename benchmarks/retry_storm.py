@@ -120,7 +120,8 @@ def main() -> int:
         print(f"{r['clients']:>7} | {r['tokens_per_s']:>8} {r['refused_per_s']:>7} {r['admitted']:>8} "
               f"{r['p50_latency_s']:>6} {r['p99_latency_s']:>6} {r['errors']:>6}")
     first, last = rows[0], rows[-1]
-    print(f"{last['clients']} vs {first['clients']} clients: tokens/s x{last['tokens_per_s'] / first['tokens_per_s']:.2f}, "
+    print(f"{last['clients']} vs {first['clients']} clients: "
+          f"tokens/s x{last['tokens_per_s'] / first['tokens_per_s']:.2f}, "
           f"p99 x{last['p99_latency_s'] / first['p99_latency_s']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "seconds": args.seconds, "tokens": args.tokens,
