@@ -358,13 +358,13 @@ def test_disconnect_cancels_streamed_generation(api):
     assert httpx.get(f"{api}/health").json()["queue_depth"] == 0
 
 
-def test_disconnect_cancels_waiting_predict(api):
-    before = finished_total(api, "cancelled")
-    # Greedy on the random model never emits end-of-text here (see the timeout test); the client gives up first.
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{api}/predict", json={"input_text": "Once", "max_new_tokens": 100_000,
-                                           "model_type": "untrained", "temperature": 0}, timeout=1.0)
-    assert wait_for_cancel(api, before) == before + 1
+def test_disconnect_cancels_waiting_predict(trained):
+    with app_server(trained, max_new_tokens=100_000) as (url, engine):
+        slow_down(engine)  # 100,000 tokens take >= 1,000 s: only the client leaving can end this one
+        before = finished_total(url, "cancelled")
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/predict", json={**UNENDING, "max_new_tokens": 100_000}, timeout=1.0)
+        assert wait_for_cancel(url, before) == before + 1
 
 
 def test_ignore_eos_generates_exactly_max_tokens(api):
