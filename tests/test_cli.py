@@ -48,7 +48,7 @@ def test_long_prompt_is_reported(trained):
 
 @pytest.mark.parametrize("args, message", [
     (["generate", "--prompt", ""], "--prompt is empty"),
-    (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+    (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature must be 0 (greedy) or between"),
     (["generate", "--prompt", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
     (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be between"),
     (["generate", "--prompt", "hi", "--max-new-tokens", "99999999"], "max_new_tokens must be between"),
