@@ -81,3 +81,18 @@ def app_server(model, **settings) -> Iterator[tuple[str, object]]:
     finally:
         uv.should_exit = True
         thread.join(timeout=30)
+
+
+def fail_sampling_for_seed(monkeypatch, seed: int = 666) -> None:
+    """Make slm.generation.sample raise for sequences sampled with ``seed`` (an injected fault), as it is for
+    everything the engine runs in this process."""
+    import slm.generation as generation
+
+    real = generation.sample
+
+    def sample(logits, params, generator):
+        if params.seed == seed:
+            raise RuntimeError("injected fault")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(generation, "sample", sample)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import fail_sampling_for_seed
 from slm.generation import Engine, GenerationError, SamplingParams, apply_penalties, generate, sample, stream
 from slm.kv_cache import KVCache
 
@@ -206,16 +207,7 @@ def test_sampling_at_the_bounds_gives_a_token(settings):
 
 
 def test_a_sampling_error_ends_its_own_sequence_only(tiny_model, monkeypatch):
-    import slm.generation as generation
-
-    real = generation.sample
-
-    def sample_or_fail(logits, params, generator):
-        if params.seed == 666:
-            raise RuntimeError("injected fault")
-        return real(logits, params, generator)
-
-    monkeypatch.setattr(generation, "sample", sample_or_fail)
+    fail_sampling_for_seed(monkeypatch, 666)
     engine = Engine(tiny_model, max_batch=3)
     seqs = [engine.add([1, 2, 3], SamplingParams(max_new_tokens=12, temperature=1.0, seed=s)) for s in (1, 666, 2)]
     while engine.active:

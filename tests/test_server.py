@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from conftest import run_slm
-from helpers import app_server, free_port, server
+from helpers import app_server, fail_sampling_for_seed, free_port, server
 from slm.evaluate import sliding_windows
 
 
@@ -503,16 +503,7 @@ def test_a_failing_decode_step_fails_only_its_requests(trained):
 
 
 def test_a_sampling_failure_ends_only_its_own_sequence(trained, monkeypatch):
-    import slm.generation as generation
-
-    real = generation.sample
-
-    def sample(logits, params, generator):
-        if params.seed == 666:
-            raise RuntimeError("injected fault")
-        return real(logits, params, generator)
-
-    monkeypatch.setattr(generation, "sample", sample)
+    fail_sampling_for_seed(monkeypatch, 666)
     with app_server(trained) as (url, _):
         bodies = [{"input_text": "Once upon a time", "max_new_tokens": 30, "temperature": 1.0, "seed": seed}
                   for seed in (1, 2, 666, 3)]

@@ -61,11 +61,9 @@ def cache_dir() -> Path:
 
 def cpu_signature() -> str:
     """What -march=native compiles for: the CPU's feature flags on Linux, else the processor name."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
+    from slm.cpu import cpuinfo_field
+
+    return cpuinfo_field("flags") or platform.processor()
 
 
 @cache
