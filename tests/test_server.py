@@ -178,6 +178,12 @@ def test_openai_client(api):
     ("/v1/completions", {"prompt": "hi", "stop": "x" * 201}, "stop"),
     ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1e-300}, "repetition_penalty"),
     ("/v1/completions", {"prompt": "hi", "temperature": 1e300}, "temperature"),
+    ("/predict", {"input_text": "hi", "words": ["cat"]}, "words"),  # the tiny model has no template
+    ("/v1/completions", {"prompt": "hi", "features": ["dialogue"]}, "features"),
+    ("/v1/completions", {"prompt": "hi", "words": ["a"] * 9}, "words"),
+    ("/v1/completions", {"prompt": "hi", "words": ["b@d"]}, "words"),
+    ("/predict", {"input_text": "hi", "words": ["cat", "two words"]}, "words"),
+    ("/v1/completions", {"prompt": "hi", "features": ["twist"]}, "features"),
 ])
 def test_bad_requests_get_422_naming_the_field(api, path, body, field):
     r = post(api, path, body)

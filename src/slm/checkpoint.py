@@ -62,8 +62,10 @@ def save(
     out_dir: str | Path,
     training: dict | None = None,
     dtype: torch.dtype | None = None,
+    template: str | None = None,
 ) -> Path:
-    """Write a checkpoint directory; ``dtype`` (e.g. torch.float16) shrinks the stored weights."""
+    """Write a checkpoint directory; ``dtype`` (e.g. torch.float16) shrinks the stored weights; ``template``
+    names the request format the model was trained on (slm.instruct.TEMPLATE), None for plain text only."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -75,6 +77,7 @@ def save(
         "model": model.config.to_dict(),
         "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id},
         "weights_dtype": str(dtype or next(model.parameters()).dtype).replace("torch.", ""),
+        "template": template,
         "training": training or {},
     }
     atomic_write_json(out / "config.json", meta)
@@ -93,6 +96,11 @@ def read_config(path: Path) -> dict:
     if not isinstance(meta, dict) or "model" not in meta:
         raise CheckpointError(f"{cfg_path}: not an slm checkpoint config (no 'model' section)")
     return meta
+
+
+def template(name_or_path: str | Path) -> str | None:
+    """The request format a model was trained on (``slm prepare --instruct``), or None (plain text only)."""
+    return read_config(resolve(name_or_path)).get("template")
 
 
 def load(name_or_path: str | Path = "default", device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:

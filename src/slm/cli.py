@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from slm.config import PRESETS, get_preset
+from slm.config import PRESETS
 
 
 def _presets_help() -> str:
@@ -67,7 +67,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     meta = prepare(args.inputs, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
                    val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
-                   hf_dataset=args.hf_dataset, progress=not args.quiet, split=args.split)
+                   hf_dataset=args.hf_dataset, progress=not args.quiet, split=args.split, instruct=args.instruct)
     how = {"documents": f"whole documents ({meta['val_fraction']:.0%} of them, chosen by hash)",
            "tail": f"the last {meta['val_fraction']:.0%} of each document (too few documents to hold whole ones out)",
            "none": "none (--val-fraction 0): training will report no validation loss"}[meta["split"]]
@@ -92,7 +92,7 @@ MODEL_FLAGS = {
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from slm.train import TrainConfig, load_config_file, resume_settings, train
+    from slm.train import TrainConfig, TrainError, load_config_file, resume_settings, settings_under_flags, train
 
     # The saved run's settings (with --resume), then the config file, then flags: each overrides the last.
     values, model_overrides = resume_settings(args.out) if args.resume else ({}, {})
@@ -106,8 +106,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     for key in MODEL_FLAGS:
         if getattr(args, key) is not None:
             model_overrides[key] = getattr(args, key)
-    preset = get_preset(values.get("preset", TrainConfig.preset))
-    cfg = TrainConfig(**{**preset.training, **values})  # the preset's recipe, then the config file and flags
+    if args.init_from and args.preset:
+        raise TrainError(f"--init-from {args.init_from} keeps that model's shape; drop --preset {args.preset}")
+    cfg = TrainConfig(**{**settings_under_flags(values), **values})
     result = train(args.data, args.out, cfg, model_overrides, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", 0)) == 0:
         done = f"done: {result['steps']} steps, {result['tokens_seen']:,} tokens, {result['wall_time_s']} s; "
@@ -133,17 +134,36 @@ def _load_model(name: str, threads: int | None = None):
     return model, tokenizer
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from slm.generation import Engine, GenerationError, SamplingParams, raise_failed
+def story_prompt(args: argparse.Namespace) -> tuple[str, tuple[str, ...]]:
+    """The text to continue and the requested words: --prompt, after the header built from --words and
+    --features when they are given (only for a model trained on that format)."""
+    from slm.checkpoint import template
+    from slm.instruct import InstructError, header, make_request
 
-    if not args.prompt:
-        raise GenerationError("--prompt is empty: give some text to continue")
+    def items(value: str | None) -> list[str]:
+        return [x for x in (value or "").split(",") if x.strip()]
+
+    request = make_request(items(args.words), items(args.features))
+    if request and not template(args.model):
+        raise InstructError(f"--words/--features: the model {args.model} was not trained to follow requests (no "
+                            "template in its config.json); fine-tune it on `slm prepare --instruct` data first")
+    prompt = (header(request) if request else "") + args.prompt
+    if not prompt:
+        raise InstructError("--prompt is empty: give some text to continue, or --words for a story")
+    return prompt, request.words
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from slm.generation import Engine, SamplingParams, raise_failed
+    from slm.instruct import used_words
+
+    prompt, words = story_prompt(args)
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                             tuple(args.stop or ()), frequency_penalty=args.frequency_penalty,
                             presence_penalty=args.presence_penalty, repetition_penalty=args.repetition_penalty,
                             min_p=args.min_p)
     model, tokenizer = _load_model(args.model, args.threads)
-    ids = tokenizer.encode(args.prompt)
+    ids = tokenizer.encode(prompt)
     engine = Engine(model, tokenizer, max_batch=1, use_cache=not args.no_kv_cache,
                     decode_weights=args.decode_weights)
     seq = engine.add(ids, params)
@@ -152,7 +172,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"keeping its last {engine.context}", file=sys.stderr)
     started = time.perf_counter()
     if args.stream and not args.json:
-        print(args.prompt, end="", flush=True)
+        print(prompt, end="", flush=True)
     while not seq.finished:
         engine.step()
         raise_failed([seq])
@@ -162,16 +182,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     n = len(seq.generated)
     if args.json:
         print(json.dumps({
-            "prompt": args.prompt, "text": seq.text, "prompt_tokens": len(ids), "generated_tokens": n,
+            "prompt": prompt, "text": seq.text, "prompt_tokens": len(ids), "generated_tokens": n,
             "prompt_truncated_tokens": seq.prompt_truncated, "finish_reason": seq.finish_reason,
             "seconds": round(seconds, 4), "tokens_per_second": round(n / seconds, 2) if seconds else None,
             "kv_cache": not args.no_kv_cache, "native_step": engine.native is not None,
             "decode_weights": args.decode_weights,
+            **({"words": list(words), "words_used": used_words(seq.text, words)} if words else {}),
         }))
     elif args.stream:
         print()
     else:
-        print(args.prompt + seq.text)
+        print(prompt + seq.text)
     return 0
 
 
@@ -256,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", help=".txt/.md files, directories, .jsonl(.gz), .parquet")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary to train (default 8192)")
-    p.add_argument("--tokenizer", help="reuse a tokenizer: a tokenizer.json / model directory, or 'gpt2'")
+    p.add_argument("--tokenizer", help="reuse a tokenizer: a model ('default', a checkpoint or run directory), a "
+                   "tokenizer.json, or 'gpt2'; use the model's own to fine-tune it (slm train --init-from)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share held out for validation")
     p.add_argument("--split", default="auto", choices=["auto", "documents", "tail"],
                    help="validation by whole documents, or the tail of each document (auto: documents when "
@@ -264,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--text-field", default="text", help="JSONL/parquet field holding the text")
     p.add_argument("--hf-dataset", help="also stream this Hugging Face dataset (needs `datasets` + network)")
+    p.add_argument("--instruct", default="", metavar="NAMES",
+                   help="also write these inputs (file name starts, e.g. tinystories,fables) as stories that follow "
+                   "a request ('Words: ... / Features: ... / Story:'), as inputs named instruct:FILE for --mix")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prepare)
 
@@ -273,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (best/, last/, metrics.jsonl, loss.png)")
     p.add_argument("--preset", help="model preset (default slm-16m)")
     p.add_argument("--config", help="TOML file of training settings and a [model] table")
+    p.add_argument("--init-from", metavar="MODEL", default=None,
+                   help="fine-tune: start from this model's weights and shape (a checkpoint or run directory, or "
+                   "'default'), with a new optimizer and schedule; the data must use its tokenizer "
+                   "(slm prepare --tokenizer MODEL)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from last/ with the settings it was saved with (flags given now "
                    "override them; --max-minutes is per leg)")
@@ -289,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--muon-lr", float, "Muon's peak learning rate (default 0.02)"),
         ("--muon-momentum", float, "Muon's momentum (default 0.95)"),
         ("--mix", str, "sample inputs by weight, e.g. simple-stories=3,fables=2 (names start input file names)"),
+        ("--loss-on", str, "all | story: 'story' leaves the instruct headers (slm prepare --instruct) out of the "
+         "loss"),
     ]:
         p.add_argument(flag, type=typ, default=None, help=what)
     shape = p.add_argument_group("model shape (overrides the preset; recorded in the run's config.json)")
@@ -302,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_presets_help())
     _model_arg(p)
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", default="", help="text to continue (with --words: the story's first words)")
+    p.add_argument("--words", metavar="A,B,C", help="ask for a story that uses these words (at most 8; for models "
+                   "trained with `slm prepare --instruct`); the prompt shown starts with the request")
+    p.add_argument("--features", metavar="F", help="with --words: features the story should have (dialogue)")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)

@@ -12,12 +12,14 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from slm.files import atomic_write_json
+from slm.instruct import TEMPLATE, instruct_documents
 from slm.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -205,6 +207,187 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+class Doc(NamedTuple):
+    is_val: bool
+    text: str
+    source: int  # index of its input in meta["sources"]
+    header: str = ""  # instruct documents: the request before the story (no loss on it with --loss-on story)
+
+
+@dataclass
+class Corpus:
+    """The inputs of one `slm prepare` and how they are split; reads them as often as a pass needs."""
+
+    files: list[Path]
+    hf_dataset: str | None
+    text_field: str
+    mode: str  # "documents" or "tail" (see SPLITS)
+    val_fraction: float
+    seed: int
+    instruct: list[int]  # indices of the inputs that are also written in the instruct format
+
+    @property
+    def names(self) -> list[str]:
+        names = [str(f) for f in self.files] + ([f"hf:{self.hf_dataset}"] if self.hf_dataset else [])
+        return names + [f"instruct:{self.files[i].name}" for i in self.instruct]
+
+    def read(self, source: int) -> Iterator[str]:
+        texts = read_documents(self.files[source], self.text_field) if source < len(self.files) else \
+            iter_hf_dataset(self.hf_dataset or "", self.text_field)
+        return (t for t in texts if t.strip())
+
+    def split(self, text: str, index: int) -> Iterator[tuple[bool, str]]:
+        """(is validation, text) for one document: whole, or its head and its held-out tail."""
+        if self.mode == "documents":
+            yield is_validation(index, self.seed, self.val_fraction), text
+            return
+        cut = tail_cut(text, self.val_fraction) if self.val_fraction else len(text)
+        for is_val, part in ((False, text[:cut]), (True, text[cut:])):
+            if part.strip():
+                yield is_val, part
+
+    def documents(self) -> Iterator[Doc]:
+        """Every document, input by input (so each input's tokens are contiguous), then the instruct copies of
+        the chosen inputs, each on the same side of the split as its plain original."""
+        n_plain = len(self.files) + bool(self.hf_dataset)
+        first_index, index = [], 0  # a document's index decides its split
+        for source in range(n_plain):
+            first_index.append(index)
+            for text in self.read(source):
+                for is_val, part in self.split(text, index):
+                    yield Doc(is_val, part, source)
+                index += 1
+        for k, source in enumerate(self.instruct):
+            for index, text in enumerate(self.read(source), first_index[source]):
+                for is_val, part in self.split(text, index):
+                    for head, story in instruct_documents(part, self.seed):
+                        yield Doc(is_val, story, n_plain + k, head)
+
+
+def instruct_inputs(files: list[Path], spec: str) -> list[int]:
+    """--instruct "tinystories,fables": the inputs whose file names start with one of the names."""
+    chosen: list[int] = []
+    for key in filter(None, (k.strip() for k in spec.split(","))):
+        matches = [i for i, f in enumerate(files) if f.name.startswith(key)]
+        if not matches:
+            raise DataError(f"--instruct: no input file name starts with {key!r} "
+                            f"(inputs: {', '.join(f.name for f in files)})")
+        chosen += [i for i in matches if i not in chosen]
+    return chosen
+
+
+def train_tokenizer(corpus: Corpus, vocab_size: int, progress: bool) -> Tokenizer:
+    """A BPE trained on the plain training documents only (streamed)."""
+    count = 0
+
+    def texts() -> Iterator[str]:
+        nonlocal count
+        with tqdm(desc="training tokenizer", unit=" docs", disable=not progress) as bar:
+            for doc in corpus.documents():
+                if doc.header:
+                    break  # the instruct copies come last and add nothing new
+                count += 1
+                bar.update()
+                if not doc.is_val:
+                    yield doc.text
+
+    tok = Tokenizer.train(texts(), vocab_size=vocab_size)
+    if count == 0:
+        raise DataError("the corpus is empty: no non-blank documents in the inputs")
+    return tok
+
+
+def choose_tokenizer(corpus: Corpus, tokenizer: str | None, vocab_size: int, progress: bool) -> Tokenizer:
+    if tokenizer is None:
+        return train_tokenizer(corpus, vocab_size, progress)
+    if tokenizer == "gpt2":
+        return Tokenizer.gpt2()
+    return Tokenizer.load(tokenizer_path(tokenizer))
+
+
+class TokenWriter:
+    """Appends encoded documents to train/val token files (``.tmp`` until :meth:`commit`), counting each split's
+    statistics and each input's tokens; with a header in the corpus, also a loss mask per token (1 = learn it)."""
+
+    SPLITS = ("train", "val")
+
+    def __init__(self, out: Path, tok: Tokenizer, n_sources: int, masks: bool, progress: bool) -> None:
+        self.out, self.tok, self.masks = out, tok, masks
+        self.dtype = token_dtype(tok.vocab_size)
+        self.stats = {s: SplitStats() for s in self.SPLITS}
+        self.source_tokens = {s: [0] * n_sources for s in self.SPLITS}
+        self.stack = contextlib.ExitStack()
+        self.files = {name: self.stack.enter_context(open(out / f"{name}.tmp", "wb"))  # noqa: SIM115
+                      for name in self.file_names()}
+        self.bar = self.stack.enter_context(tqdm(desc="encoding", unit="B", unit_scale=True, disable=not progress))
+
+    def file_names(self) -> list[str]:
+        return [f"{s}.bin" for s in self.SPLITS] + ([f"{s}.mask" for s in self.SPLITS] if self.masks else [])
+
+    def write(self, batch: list[Doc]) -> None:
+        texts = self.tok.encode_batch([d.text for d in batch])
+        headers = self.tok.encode_batch([d.header for d in batch]) if self.masks else [[] for _ in batch]
+        for doc, head, ids in zip(batch, headers, texts, strict=True):
+            split = "val" if doc.is_val else "train"
+            n = len(head) + len(ids) + 1  # documents are separated by <|endoftext|>
+            self.files[f"{split}.bin"].write(np.asarray(head + ids + [self.tok.eot_id], dtype=self.dtype).tobytes())
+            if self.masks:  # the header is the request, not text to learn
+                self.files[f"{split}.mask"].write(bytes(len(head)) + b"\x01" * (len(ids) + 1))
+            self.source_tokens[split][doc.source] += n
+            stats, n_bytes = self.stats[split], len((doc.header + doc.text).encode("utf-8"))
+            stats.documents += 1
+            stats.characters += len(doc.header) + len(doc.text)
+            stats.bytes += n_bytes
+            stats.tokens += n
+            self.bar.update(n_bytes)
+
+    def close(self) -> None:
+        self.stack.close()
+
+    def discard(self) -> None:
+        self.close()
+        for name in self.file_names():
+            (self.out / f"{name}.tmp").unlink(missing_ok=True)
+
+    def commit(self) -> None:
+        self.close()
+        for name in self.file_names():
+            (self.out / f"{name}.tmp").replace(self.out / name)
+
+
+def encode_corpus(corpus: Corpus, writer: TokenWriter, batch_chars: int) -> None:
+    """Encode in batches (parallel in Rust) and append to the token files."""
+    batch: list[Doc] = []
+    chars = 0
+    for doc in corpus.documents():
+        batch.append(doc)
+        chars += len(doc.text)
+        if chars >= batch_chars:
+            writer.write(batch)
+            batch, chars = [], 0
+    if batch:
+        writer.write(batch)
+
+
+def check_splits(stats: dict[str, SplitStats], corpus: Corpus, asked_split: str) -> str | None:
+    """None when both splits can be used; "retry" when a document split should fall back to tails; else raise."""
+    if stats["train"].documents + stats["val"].documents == 0:
+        raise DataError("the corpus is empty: no non-blank documents in the inputs")
+    if stats["train"].tokens == 0:
+        raise DataError("every document went to validation; lower --val-fraction")
+    if not corpus.val_fraction or stats["val"].tokens:
+        return None
+    if corpus.mode == "documents" and asked_split == "auto":  # the hash drew no document: hold out each tail
+        return "retry"
+    if corpus.mode == "documents":
+        raise DataError(f"--split documents drew no validation document from {stats['train'].documents:,} "
+                        f"at --val-fraction {corpus.val_fraction}; use --split auto or tail, or a larger "
+                        "--val-fraction")
+    raise DataError(f"the corpus is too small to hold out a validation split ({stats['train'].characters:,} "
+                    "characters); add more text, raise --val-fraction, or pass --val-fraction 0 to train "
+                    "without validation")
+
+
 def prepare(
     inputs: list[str | Path],
     out_dir: str | Path,
@@ -217,11 +400,14 @@ def prepare(
     batch_chars: int = 8_000_000,
     progress: bool = True,
     split: str = "auto",
+    instruct: str = "",
 ) -> dict:
     """Tokenize a corpus into ``out_dir`` (train.bin, val.bin, tokenizer.json, meta.json); returns the meta.
 
     ``split``: "documents", "tail" (see SPLITS above) or "auto": documents when the corpus has enough of
     them for ``val_fraction``, else tail; a document split that happens to draw no document falls back to tail.
+    ``instruct``: names of inputs (file name starts) also written in the instruct format (slm.instruct), as
+    extra inputs "instruct:<file name>", with a loss mask (train.mask, val.mask) that leaves out their headers.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
@@ -229,126 +415,50 @@ def prepare(
     if not files and not hf_dataset:
         raise DataError("no input given: pass files or directories, or --hf-dataset NAME")
     n_docs = float("inf") if hf_dataset else count_documents(files)
-    mode = choose_split(split, n_docs, val_fraction)
+    corpus = Corpus(files, hf_dataset, text_field, "", val_fraction, seed, instruct_inputs(files, instruct))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-
-    names = [str(f) for f in files] + ([f"hf:{hf_dataset}"] if hf_dataset else [])
-
-    def documents() -> Iterator[tuple[bool, str, int]]:
-        """(is validation, text, index of its input) for every non-blank document, in input order."""
-        index = 0
-        sources: list[Iterator[str]] = [read_documents(f, text_field) for f in files]
-        if hf_dataset:
-            sources.append(iter_hf_dataset(hf_dataset, text_field))
-        for source_index, source in enumerate(sources):
-            for text in source:
-                if not text.strip():
-                    continue
-                if mode == "documents":
-                    yield is_validation(index, seed, val_fraction), text, source_index
-                else:
-                    cut = tail_cut(text, val_fraction) if val_fraction else len(text)
-                    if text[:cut].strip():
-                        yield False, text[:cut], source_index
-                    if text[cut:].strip():
-                        yield True, text[cut:], source_index
-                index += 1
-
-    # Pass 1: the tokenizer, trained on the training documents only (streamed).
-    if tokenizer is None:
-        n_docs = 0
-
-        def train_texts() -> Iterator[str]:
-            nonlocal n_docs
-            bar = tqdm(desc="training tokenizer", unit=" docs", disable=not progress)
-            for is_val, text, _ in documents():
-                n_docs += 1
-                bar.update()
-                if not is_val:
-                    yield text
-            bar.close()
-
-        tok = Tokenizer.train(train_texts(), vocab_size=vocab_size)
-        if n_docs == 0:
-            raise DataError("the corpus is empty: no non-blank documents in the inputs")
-    elif tokenizer == "gpt2":
-        tok = Tokenizer.gpt2()
-    else:
-        tok = Tokenizer.load(tokenizer)
+    tok = None
+    for mode in [choose_split(split, n_docs, val_fraction), "tail"]:
+        corpus.mode = mode
+        tok = tok or choose_tokenizer(corpus, tokenizer, vocab_size, progress)
+        writer = TokenWriter(out, tok, len(corpus.names), bool(corpus.instruct), progress)
+        try:
+            encode_corpus(corpus, writer, batch_chars)
+        except BaseException:
+            writer.discard()
+            raise
+        if check_splits(writer.stats, corpus, split) is None:
+            break
+        writer.discard()
     tok.save(out / "tokenizer.json")
-    dtype = token_dtype(tok.vocab_size)
-
-    # Pass 2: encode in batches (parallel in Rust) and append to the token files.
-    stats = {"train": SplitStats(), "val": SplitStats()}
-    source_tokens = {split: [0] * len(names) for split in stats}  # each input's tokens are contiguous
-    stack = contextlib.ExitStack()
-    files_out = {s: stack.enter_context(open(out / f"{s}.bin.tmp", "wb")) for s in stats}  # noqa: SIM115
-    eot = np.array([tok.eot_id], dtype=dtype)
-    bar = tqdm(desc="encoding", unit="B", unit_scale=True, disable=not progress)
-
-    def flush(batch: list[tuple[bool, str, int]]) -> None:
-        for (is_val, text, source), ids in zip(batch, tok.encode_batch([t for _, t, _ in batch]), strict=True):
-            split = "val" if is_val else "train"
-            source_tokens[split][source] += len(ids) + 1
-            s = stats[split]
-            n_bytes = len(text.encode("utf-8"))
-            s.documents += 1
-            s.characters += len(text)
-            s.bytes += n_bytes
-            s.tokens += len(ids) + 1
-            files_out[split].write(np.asarray(ids, dtype=dtype).tobytes())
-            files_out[split].write(eot.tobytes())  # documents are separated by <|endoftext|>
-            bar.update(n_bytes)
-
-    try:
-        batch: list[tuple[bool, str, int]] = []
-        chars = 0
-        for item in documents():
-            batch.append(item)
-            chars += len(item[1])
-            if chars >= batch_chars:
-                flush(batch)
-                batch, chars = [], 0
-        if batch:
-            flush(batch)
-    finally:
-        stack.close()
-        bar.close()
-    if stats["train"].documents + stats["val"].documents == 0:
-        raise DataError("the corpus is empty: no non-blank documents in the inputs")
-    if stats["train"].tokens == 0:
-        raise DataError("every document went to validation; lower --val-fraction")
-    if val_fraction and stats["val"].tokens == 0:
-        for name in stats:
-            (out / f"{name}.bin.tmp").unlink()
-        if mode == "documents" and split == "auto":  # the hash drew no document: hold out each one's tail
-            return prepare(inputs, out_dir, vocab_size, tokenizer, val_fraction, seed, text_field, hf_dataset,
-                           batch_chars, progress, split="tail")
-        if mode == "documents":
-            raise DataError(f"--split documents drew no validation document from {stats['train'].documents:,} "
-                            f"at --val-fraction {val_fraction}; use --split auto or tail, or a larger --val-fraction")
-        raise DataError(f"the corpus is too small to hold out a validation split ({stats['train'].characters:,} "
-                        "characters); add more text, raise --val-fraction, or pass --val-fraction 0 to train "
-                        "without validation")
-    for name in stats:
-        (out / f"{name}.bin.tmp").replace(out / f"{name}.bin")
+    writer.commit()
     meta = {
-        "inputs": names,
-        "sources": source_ranges(names, source_tokens),
+        "inputs": corpus.names,
+        "sources": source_ranges(corpus.names, writer.source_tokens),
         "tokenizer": tok.kind,
         "vocab_size": tok.vocab_size,
         "eot_id": tok.eot_id,
-        "dtype": dtype.name,
+        "dtype": writer.dtype.name,
         "val_fraction": val_fraction,
-        "split": mode if val_fraction else "none",
+        "split": corpus.mode if val_fraction else "none",
         "seed": seed,
+        "instruct": {"template": TEMPLATE, "inputs": corpus.names[-len(corpus.instruct):]} if corpus.instruct
+        else None,
         "seconds": round(time.time() - started, 1),
-        **{split: s.to_dict() for split, s in stats.items()},
+        **{name: s.to_dict() for name, s in writer.stats.items()},
     }
     atomic_write_json(out / "meta.json", meta)
     return meta
+
+
+def tokenizer_path(name: str) -> Path:
+    """--tokenizer: a tokenizer.json, a directory holding one, or a model name ("default", a run directory)."""
+    from slm.checkpoint import resolve
+
+    path = Path(name)
+    return path if path.is_file() or (path / "tokenizer.json").is_file() else resolve(name)
 
 
 def source_ranges(names: list[str], source_tokens: dict[str, list[int]]) -> list[dict]:
@@ -373,6 +483,12 @@ def load_meta(data_dir: str | Path) -> dict:
     return json.loads(meta_path.read_text(encoding="utf-8"))
 
 
+def open_mask(data_dir: str | Path, split: str) -> np.ndarray | None:
+    """The split's loss mask (1 = a token to learn, 0 = an instruct header), if prepare wrote one."""
+    path = Path(data_dir) / f"{split}.mask"
+    return np.memmap(path, dtype=np.uint8, mode="r") if path.is_file() and path.stat().st_size else None
+
+
 def open_tokens(data_dir: str | Path, split: str, meta: dict) -> np.ndarray:
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file() or path.stat().st_size == 0:
@@ -387,12 +503,17 @@ class BatchSampler:
     the samples that one process with batch N*B sees.
     """
 
+    IGNORE = -100  # a target that cross_entropy leaves out (its default ignore_index)
+
     def __init__(self, tokens: np.ndarray, context: int, seed: int,
-                 mix: list[tuple[int, int, float]] | None = None) -> None:
+                 mix: list[tuple[int, int, float]] | None = None, mask: np.ndarray | None = None) -> None:
         if len(tokens) < context + 2:
             raise DataError(f"only {len(tokens)} training tokens, fewer than one window of {context + 1}; "
                             "give more text or a smaller context")
-        self.tokens = tokens
+        if mask is not None and len(mask) != len(tokens):
+            raise DataError(f"the loss mask has {len(mask):,} entries for {len(tokens):,} tokens; prepare the data "
+                            "again")
+        self.tokens, self.mask = tokens, mask
         self.context = context
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.mix = None
@@ -413,9 +534,14 @@ class BatchSampler:
         return self.rng.integers(low, high)
 
     def windows(self, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets ``[len(offsets), context]`` for the given offsets."""
+        """Inputs and next-token targets ``[len(offsets), context]`` for the given offsets; with a mask, the
+        targets it leaves out are IGNORE."""
         w = torch.from_numpy(np.stack([self.tokens[o : o + self.context + 1].astype(np.int64) for o in offsets]))
-        return w[:, :-1], w[:, 1:]
+        x, y = w[:, :-1], w[:, 1:].clone()
+        if self.mask is not None:
+            keep = torch.from_numpy(np.stack([self.mask[o + 1 : o + self.context + 1] for o in offsets]))
+            y[keep == 0] = self.IGNORE
+        return x, y
 
     def state(self) -> dict:
         return self.rng.bit_generator.state

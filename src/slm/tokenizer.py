@@ -114,6 +114,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
+    def same_as(self, other: Tokenizer) -> bool:
+        """Whether both map every token to the same id (data tokenized by one can train a model of the other)."""
+        return self.hf.get_vocab(with_added_tokens=True) == other.hf.get_vocab(with_added_tokens=True)
+
+    def describe(self) -> str:
+        return "GPT-2's vocabulary" if self.kind == "gpt2" else f"a trained BPE of {self.vocab_size:,} tokens"
+
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 

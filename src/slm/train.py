@@ -23,7 +23,7 @@ from tqdm import tqdm
 from slm import checkpoint
 from slm.config import ConfigError, ModelConfig, get_preset
 from slm.cpu import bf16_pays
-from slm.data import BatchSampler, eval_windows, load_meta, mixture, open_tokens
+from slm.data import BatchSampler, eval_windows, load_meta, mixture, open_mask, open_tokens
 from slm.files import atomic_write, atomic_write_json
 from slm.model import GPT
 from slm.optim import Optimizers, make_optimizers
@@ -51,6 +51,7 @@ class TrainConfig:
     muon_lr: float = 0.02  # Muon's peak learning rate (lr above stays AdamW's)
     muon_momentum: float = 0.95
     mix: str = ""  # sample some inputs more often: "simple-stories=3,fables=2" (weights per input file name)
+    loss_on: str = "all"  # all | story: "story" leaves instruct headers (slm prepare --instruct) out of the loss
     eval_interval: int = 100
     eval_windows: int = 64  # validation windows scored at each evaluation (the same ones every time)
     log_interval: int = 10
@@ -60,6 +61,14 @@ class TrainConfig:
     compile: bool = False
     threads: int = 0  # torch CPU threads; 0 = torch's default
     max_minutes: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
+    init_from: str = ""  # start from this model's weights (fine-tuning): a checkpoint, a run directory or "default"
+
+
+# Fine-tuning (--init-from) starts from weights that are already good: a lower peak rate and a short warmup
+# than a run from scratch. Measured side by side in docs/fine-tuning.md (benchmarks/finetune.py).
+FINETUNE_RECIPE = {"optimizer": "muon", "muon_lr": 0.005, "lr": 3e-4, "warmup_steps": 10, "batch_size": 8}
+# Settings fine-tuning can change; everything else about the shape is the model's.
+FINETUNE_MAY_CHANGE = ("dropout",)
 
 
 def load_config_file(path: str | Path) -> tuple[dict, dict]:
@@ -98,6 +107,57 @@ def resume_settings(out: str | Path) -> tuple[dict, dict]:
     train_values = {k: v for k, v in saved.get("training", {}).get("train_config", {}).items() if k in known}
     model = {k: v for k, v in saved["model"].items() if k != "vocab_size"}  # the tokenizer decides the vocabulary
     return train_values, model
+
+
+@dataclass(frozen=True)
+class StartingPoint:
+    """A trained model that a new run starts from (``--init-from``): its weights, shape and tokenizer."""
+
+    name: str
+    path: Path
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    record: dict  # where it came from: its path and the training it had
+    template: str | None  # the request format it learned (slm.instruct), if any
+
+
+def load_starting_point(name: str) -> StartingPoint:
+    model, tokenizer = checkpoint.load(name)
+    path = checkpoint.resolve(name)
+    saved = checkpoint.read_config(path)
+    training = saved.get("training", {})
+    record = {"model": str(path), "steps": training.get("steps"), "tokens_seen": training.get("tokens_seen")}
+    return StartingPoint(name, path, model.config, model.state_dict(), tokenizer, record, saved.get("template"))
+
+
+def fine_tune_shape(start: StartingPoint, overrides: dict) -> ModelConfig:
+    """The starting model's shape; shape flags may only repeat it (dropout may change)."""
+    conflicts = {k: v for k, v in overrides.items()
+                 if k not in FINETUNE_MAY_CHANGE and k != "vocab_size" and getattr(start.config, k) != v}
+    if conflicts:
+        asked = ", ".join(f"{k} {v} (the model has {getattr(start.config, k)})" for k, v in conflicts.items())
+        raise TrainError(f"--init-from {start.name}: the model's shape cannot change when fine-tuning; asked for "
+                         f"{asked}. Drop those flags, or train a new shape from scratch")
+    return dataclasses.replace(start.config, **{k: v for k, v in overrides.items() if k in FINETUNE_MAY_CHANGE})
+
+
+def check_same_tokenizer(start: StartingPoint, data_dir: str | Path, data_tokenizer: Tokenizer) -> None:
+    if data_tokenizer.same_as(start.tokenizer):
+        return
+    raise TrainError(f"--data {data_dir} was tokenized with another tokenizer ({data_tokenizer.describe()}) than "
+                     f"--init-from {start.name} ({start.tokenizer.describe()}, {start.path}); prepare the text with "
+                     f"the model's own: slm prepare INPUT --out DIR --tokenizer {start.name}")
+
+
+def settings_under_flags(values: dict) -> dict:
+    """Defaults that the config file and flags override: the fine-tuning recipe and the starting model's preset
+    name with --init-from, else the preset's measured recipe."""
+    name = values.get("init_from")
+    if not name:
+        return get_preset(values.get("preset", TrainConfig.preset)).training
+    trained = checkpoint.read_config(checkpoint.resolve(name)).get("training", {})
+    return {**FINETUNE_RECIPE, "preset": trained.get("preset", TrainConfig.preset)}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -218,12 +278,17 @@ def evaluate_windows(model: GPT, windows: torch.Tensor, batch_size: int, device:
     return total / count
 
 
+LOSS_ON = ("all", "story")
+
+
 def check_settings(cfg: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval", "eval_windows"):
         if getattr(cfg, name) <= 0:
             raise TrainError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
         raise TrainError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.loss_on not in LOSS_ON:
+        raise TrainError(f"--loss-on {cfg.loss_on!r}: choose {' or '.join(LOSS_ON)}")
 
 
 @dataclass
@@ -244,9 +309,13 @@ class Trainer:
         check_settings(cfg)
         self.data_dir, self.out, self.cfg, self.device, self.rank, self.world = data_dir, out, cfg, device, rank, world
         self.master, self.progress = rank == 0, progress
+        self.start = load_starting_point(cfg.init_from) if cfg.init_from else None
         self.load_data(model_overrides)
         torch.manual_seed(cfg.seed)
-        self.model = GPT(self.config).to(device)
+        self.model = GPT(self.config)
+        if self.start is not None:
+            self.model.load_state_dict(self.start.weights)
+        self.model.to(device)
         self.optimizer = make_optimizer(self.model, cfg, device)
         self.state = Progress()
         self.restore(resume)
@@ -260,14 +329,27 @@ class Trainer:
         cfg = self.cfg
         self.meta = load_meta(self.data_dir)
         self.tokenizer = Tokenizer.load(Path(self.data_dir) / "tokenizer.json")
-        values = {**get_preset(cfg.preset).config.to_dict(), **model_overrides, "vocab_size": self.tokenizer.vocab_size}
-        self.config = ModelConfig.from_dict(values)
+        if self.start is not None:
+            check_same_tokenizer(self.start, self.data_dir, self.tokenizer)
+            self.config = fine_tune_shape(self.start, model_overrides)
+        else:
+            values = {**get_preset(cfg.preset).config.to_dict(), **model_overrides,
+                      "vocab_size": self.tokenizer.vocab_size}
+            self.config = ModelConfig.from_dict(values)
         self.amp = autocast_dtype(cfg.dtype, self.device)
         train_tokens = open_tokens(self.data_dir, "train", self.meta)
-        self.sampler = BatchSampler(train_tokens, self.config.context_length, cfg.seed, mixture(self.meta, cfg.mix))
+        mask = open_mask(self.data_dir, "train") if cfg.loss_on == "story" else None
+        self.sampler = BatchSampler(train_tokens, self.config.context_length, cfg.seed, mixture(self.meta, cfg.mix),
+                                    mask)
         val_tokens = open_tokens(self.data_dir, "val", self.meta)
         self.val_set = eval_windows(val_tokens, self.config.context_length, cfg.eval_windows)
         self.bytes_per_token = self.meta["val"]["bytes_per_token"] or self.meta["train"]["bytes_per_token"]
+        if cfg.loss_on == "story" and mask is None:
+            raise TrainError(f"--loss-on story: {self.data_dir} has no instruct documents (train.mask); prepare "
+                             "it with slm prepare --instruct NAMES")
+        # The request format the model learns (slm.instruct), saved with it: from the data, or kept from the
+        # model it starts from.
+        self.template = (self.meta.get("instruct") or {}).get("template") or (self.start and self.start.template)
 
     def restore(self, resume: bool) -> None:
         """Continue from last/ (--resume), or make sure we are not about to overwrite a run."""
@@ -346,6 +428,7 @@ class Trainer:
                      "train_tokens": meta["train"]["tokens"], "val_tokens": meta["val"]["tokens"],
                      "val_bytes_per_token": self.bytes_per_token},
             "preset": cfg.preset,
+            "init_from": self.start.record if self.start else None,
             "train_config": dataclasses.asdict(cfg),
             "parameters": self.model.num_parameters(),
             "steps": self.state.step,
@@ -367,7 +450,7 @@ class Trainer:
         train_state = {"step": s.step, "tokens_seen": s.tokens_seen, "sampler": self.sampler.state(),
                        "elapsed": self.elapsed(), "best": s.best}
         checkpoint.save_run_checkpoint(self.out / "last", lambda tmp: (
-            checkpoint.save(self.model, self.tokenizer, tmp, training=self.summary(val_loss)),
+            checkpoint.save(self.model, self.tokenizer, tmp, training=self.summary(val_loss), template=self.template),
             checkpoint.save_train_state(tmp, self.optimizer.named, train_state)))
 
     def evaluate(self) -> float | None:
@@ -385,10 +468,13 @@ class Trainer:
         if val_loss < best["val_loss"]:
             best.update(val_loss=val_loss, val_bpb=bpb, step=s.step)
             checkpoint.save_run_checkpoint(self.out / "best", lambda tmp: checkpoint.save(
-                self.model, self.tokenizer, tmp, training=self.summary(val_loss)))
-        plot_losses(self.metrics_path, self.out / "loss.png",
-                    f"{self.cfg.preset}, {self.model.num_parameters() / 1e6:.1f}M parameters")
+                self.model, self.tokenizer, tmp, training=self.summary(val_loss), template=self.template))
+        plot_losses(self.metrics_path, self.out / "loss.png", self.title())
         return val_loss
+
+    def title(self) -> str:
+        what = f"fine-tuned from {self.start.name}" if self.start else self.cfg.preset
+        return f"{what}, {self.model.num_parameters() / 1e6:.1f}M parameters"
 
     def log_window(self, losses: list[float], seconds: float, lr: float, bar: tqdm, lines: bool) -> None:
         """A train record for the last ``log_interval`` steps: metrics.jsonl, the bar, or a plain line."""

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
 import slm
-from slm.checkpoint import load, resolve
+from slm.checkpoint import load, resolve, template
 from slm.generation import GenerationError
 from slm.model import GPT
 from slm.server.connections import uvicorn_config
@@ -40,7 +40,7 @@ def build_engine(settings: Settings, metrics: Metrics) -> tuple[ServingEngine, d
     engine = ServingEngine({"cached": (model, True), "basic": (model, False), "untrained": (untrained, True)},
                            tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue, metrics=metrics)
     info = {"name": resolve(settings.model).name, "parameters": model.num_parameters(),
-            "config": model.config.to_dict(), "tokenizer": tokenizer.kind,
+            "config": model.config.to_dict(), "tokenizer": tokenizer.kind, "template": template(settings.model),
             "native_decode": engine.engines["cached"].native is not None}  # no filesystem path: GET / is open
     return engine, info
 

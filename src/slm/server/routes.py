@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import slm
 from slm.evaluate import TokenScores
 from slm.generation import SamplingParams, SequenceState
+from slm.instruct import header
 from slm.server.engine import EngineFailure, Failure, GenerationRequest, QueueFull, ScoreJob, ServingEngine
 from slm.server.guard import RETRY_AFTER_SECONDS
 from slm.server.metrics import Metrics
@@ -29,6 +30,7 @@ from slm.server.schemas import (
     ErrorResponse,
     PredictRequest,
     PredictResponse,
+    StoryFields,
     TokenizeRequest,
 )
 from slm.server.settings import Settings
@@ -105,6 +107,18 @@ async def encode(engine: ServingEngine, text: str) -> list[int]:
     if len(text) > TOKENIZE_OFF_LOOP_CHARS:
         return await asyncio.to_thread(engine.tokenizer.encode, text)
     return engine.tokenizer.encode(text)
+
+
+def story_header(s: Served, body: StoryFields) -> str:
+    """The header that asks for the request's words and features ("" when it has none); a 422 when the model
+    was never trained on the format (its config.json has no template)."""
+    if not (body.words or body.features):
+        return ""
+    if not (s.info or {}).get("template"):
+        raise FieldProblem("words" if body.words else "features",
+                           f"the model {s.model_id()} was not trained to follow requests (no template in its "
+                           "config.json); train or fine-tune one on `slm prepare --instruct` data")
+    return header(body.story_request())
 
 
 def check_prompt_tokens(s: Served, ids: list[list[int]]) -> None:
@@ -228,14 +242,15 @@ async def predict(body: PredictRequest, http: Request, s: Served = Depends(serve
     until = deadline(s)
     params = sampling_params(s, "max_new_tokens", body.max_new_tokens, body.temperature, body.top_k, body.top_p,
                              body.seed, controls=body.controls())
-    ids = await encode_prompt(s, body.input_text, "input_text")
+    prompt = story_header(s, body) + body.input_text
+    ids = await encode_prompt(s, prompt, "input_text")
     started = time.perf_counter()
     seq = await run_to_end(s, submit(s, body.model_type, ids, params, until), http)
     seconds = time.perf_counter() - started
     n = len(seq.generated)
     s.metrics.generated(body.model_type, "/predict", n, seconds)
     return PredictResponse(
-        result=seq.text, time=round(seconds, 4), model_type=body.model_type, prompt_tokens=len(ids),
+        result=seq.text, prompt=prompt, time=round(seconds, 4), model_type=body.model_type, prompt_tokens=len(ids),
         generated_tokens=n, tokens_per_second=round(n / seconds, 2) if seconds > 0 else 0.0,
         finish_reason=seq.finish_reason or "length", prompt_truncated_tokens=seq.prompt_truncated,
         settings={"max_new_tokens": body.max_new_tokens, "temperature": body.temperature, "top_k": body.top_k,
@@ -270,14 +285,16 @@ def finish_reason(seq: SequenceState | None) -> str:
     return "length" if seq is None or seq.finish_reason == "length" else "stop"
 
 
-async def prompt_ids(s: Served, prompt: str | list[int], field: str) -> list[int]:
+async def prompt_ids(s: Served, prompt: str | list[int], field: str, head: str = "") -> list[int]:
+    """A prompt's token ids, after the ids of ``head`` (a story request's header) when there is one."""
     if isinstance(prompt, str):
-        return await encode_prompt(s, prompt, field)
+        return await encode_prompt(s, head + prompt, field)
+    head_ids = running_engine(s).tokenizer.encode(head) if head else []
     vocab = running_engine(s).tokenizer.vocab_size
     bad = next((t for t in prompt if not 0 <= t < vocab), None)
     if bad is not None:
         raise FieldProblem(field, f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
-    return list(prompt)
+    return head_ids + list(prompt)
 
 
 def logprobs_object(tokenizer, ids: list[int], scores: TokenScores, first: int) -> dict:
@@ -306,8 +323,10 @@ def top_alternatives(tokenizer, scores: TokenScores, j: int, token: int) -> dict
 
 
 async def complete_one(s: Served, index: int, prompt: str | list[int], ids: list[int], body: CompletionRequest,
-                       params: SamplingParams | None, until: float, http: Request) -> tuple[dict, int, int]:
-    """One prompt's choice, with its prompt and completion token counts."""
+                       params: SamplingParams | None, until: float, http: Request,
+                       head: str = "") -> tuple[dict, int, int]:
+    """One prompt's choice, with its prompt and completion token counts; with a story request's header,
+    the choice shows the whole prompt the model was given."""
     seq = await run_to_end(s, submit(s, "cached", ids, params, until), http) if params else None
     generated = seq.generated if seq else []
     text = seq.text if seq else ""
@@ -316,9 +335,13 @@ async def complete_one(s: Served, index: int, prompt: str | list[int], ids: list
         everything = ids + generated
         scores = await scores_of(s, everything, body.logprobs, until, http)
         logprobs = logprobs_object(running_engine(s).tokenizer, everything, scores, 0 if body.echo else len(ids))
+    full_prompt = head + prompt if isinstance(prompt, str) else running_engine(s).tokenizer.decode(ids)
     if body.echo:
-        text = (prompt if isinstance(prompt, str) else running_engine(s).tokenizer.decode(ids)) + text
-    return choice(index, text, finish_reason(seq), logprobs), len(ids), len(generated)
+        text = full_prompt + text
+    result = choice(index, text, finish_reason(seq), logprobs)
+    if head:
+        result["prompt"] = full_prompt
+    return result, len(ids), len(generated)
 
 
 @router.post("/v1/completions", responses={200: {
@@ -333,12 +356,13 @@ async def completions(body: CompletionRequest, http: Request, s: Served = Depend
     prompts = body.prompts()
     # Every prompt is checked before any is submitted, so a bad one costs no generation.
     fields = ["prompt"] if len(prompts) == 1 else [f"prompt[{i}]" for i in range(len(prompts))]
-    ids = [await prompt_ids(s, p, f) for p, f in zip(prompts, fields, strict=True)]
+    head = story_header(s, body)
+    ids = [await prompt_ids(s, p, f, head) for p, f in zip(prompts, fields, strict=True)]
     check_prompt_tokens(s, ids)
     if body.stream:
-        return stream_completion(s, body, prompts[0], ids[0], params, until, http)
+        return stream_completion(s, body, prompts[0], ids[0], params, until, http, head)
     started = time.perf_counter()
-    results = await asyncio.gather(*(complete_one(s, i, p, ids[i], body, params, until, http)
+    results = await asyncio.gather(*(complete_one(s, i, p, ids[i], body, params, until, http, head)
                                      for i, p in enumerate(prompts)))
     completion = Completion(s, sum(r[1] for r in results), started)
     n = sum(r[2] for r in results)
@@ -352,13 +376,13 @@ def stream_error(failure: Failure) -> str:
 
 
 def stream_completion(s: Served, body: CompletionRequest, prompt: str | list[int], ids: list[int],
-                      params: SamplingParams | None, until: float, http: Request) -> StreamingResponse:
+                      params: SamplingParams | None, until: float, http: Request, head: str = "") -> StreamingResponse:
     completion = Completion(s, len(ids))
     req = submit(s, "cached", ids, params, until, stream=True) if params else None
 
     async def sse() -> AsyncIterator[str]:
         if body.echo:
-            echoed = prompt if isinstance(prompt, str) else running_engine(s).tokenizer.decode(ids)
+            echoed = head + prompt if isinstance(prompt, str) else running_engine(s).tokenizer.decode(ids)
             yield f"data: {json.dumps(completion.chunk(echoed, None))}\n\n"
         if req is None:
             yield f"data: {json.dumps(completion.response([choice(0, '', 'length')], 0))}\n\n"

@@ -25,8 +25,12 @@ from slm.generation import (
     TEMPERATURE_RULE,
     temperature_ok,
 )
+from slm.instruct import FEATURES, MAX_WORD_CHARS, MAX_WORDS, WORD_RE, StoryRequest, make_request
 
 ModelType = Literal["untrained", "basic", "cached"]
+Word = Annotated[str, Field(min_length=1, max_length=MAX_WORD_CHARS, pattern=f"^{WORD_RE.pattern}$",
+                            description="one word: letters, with an apostrophe or hyphen inside")]
+Feature = Literal[tuple(FEATURES)]
 
 
 def encodable(text: str) -> str:
@@ -68,7 +72,18 @@ class RepetitionControls(BaseModel):
         return {k: getattr(self, k) for k in RepetitionControls.model_fields}
 
 
-class PredictRequest(RepetitionControls):
+class StoryFields(BaseModel):
+    """Ask for a story that uses these words (and has these features); for models trained with
+    `slm prepare --instruct`. The prompt then starts with the request's header (slm.instruct)."""
+
+    words: list[Word] = Field(default_factory=list, max_length=MAX_WORDS)
+    features: list[Feature] = Field(default_factory=list, max_length=len(FEATURES))
+
+    def story_request(self) -> StoryRequest:
+        return make_request(self.words, self.features)
+
+
+class PredictRequest(RepetitionControls, StoryFields):
     """The original playground's request, plus generation settings."""
 
     model_config = ConfigDict(extra="forbid")
@@ -83,6 +98,8 @@ class PredictRequest(RepetitionControls):
 
 class PredictResponse(BaseModel):
     result: str
+    prompt: str = Field(description="the text the model continued: input_text, after the header built from "
+                        "words and features when they are given")
     time: float
     model_type: ModelType
     prompt_tokens: int
@@ -123,7 +140,7 @@ StopField = Annotated[
 ]
 
 
-class CompletionRequest(RepetitionControls):
+class CompletionRequest(RepetitionControls, StoryFields):
     """OpenAI's /v1/completions, the parts that mean something for one small model."""
 
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use

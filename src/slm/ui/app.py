@@ -16,6 +16,8 @@ import httpx
 import pandas as pd
 import streamlit as st
 
+from slm.instruct import InstructError, header, make_request
+
 API_URL = os.environ.get("SLM_API_URL", "http://127.0.0.1:8000").rstrip("/")
 # Chosen by benchmarks/penalty_sweep.py on the bundled model: 1.1 cuts repeated 3-grams in greedy answers from
 # 47% to 13% for 0.013 bits/byte of held-out likelihood; stronger settings cost more (README, "Repetition control").
@@ -51,8 +53,8 @@ def check(response: httpx.Response) -> None:
         raise ApiError(f"API error {response.status_code}: {detail}")
 
 
-def predict(model_type: str, prompt: str, settings: dict) -> dict:
-    r = httpx.post(f"{API_URL}/predict", json={"input_text": prompt, "model_type": model_type, **settings},
+def predict(model_type: str, prompt: str, settings: dict, story: dict) -> dict:
+    r = httpx.post(f"{API_URL}/predict", json={"input_text": prompt, "model_type": model_type, **settings, **story},
                    headers=headers(), timeout=300)
     check(r)
     return r.json()
@@ -67,12 +69,13 @@ def show(placeholder, prompt: str, text: str, cursor: bool = False) -> None:
                          f'{escape(text)}{"▌" if cursor else ""}</div>', unsafe_allow_html=True)
 
 
-def stream_cached(prompt: str, settings: dict, placeholder) -> dict:
+def stream_cached(prompt: str, settings: dict, story: dict, placeholder) -> dict:
     """Stream the cached model's answer into `placeholder`; returns the same fields as /predict."""
     controls = {k: settings[k] for k in CONTROLS}
     body = {"prompt": prompt, "max_tokens": settings["max_new_tokens"], "temperature": settings["temperature"],
             "top_p": settings["top_p"] or 1.0, "top_k": settings["top_k"], "seed": settings["seed"], "stream": True,
-            **controls}
+            **controls, **story}
+    prompt = shown_prompt(prompt, story)
     text, usage, reason, timing = "", {}, None, {}
     with httpx.stream("POST", f"{API_URL}/v1/completions", json=body, headers=headers(), timeout=300) as r:
         if r.status_code >= 400:
@@ -93,6 +96,25 @@ def stream_cached(prompt: str, settings: dict, placeholder) -> dict:
     show(placeholder, prompt, text)
     return {"result": text, "time": timing.get("seconds", 0.0), "generated_tokens": usage.get("completion_tokens", 0),
             "tokens_per_second": timing.get("tokens_per_second", 0.0), "finish_reason": reason}
+
+
+def story_request() -> dict:
+    """The words (and features) the story should have: the API's "words" and "features" fields."""
+    words = st.text_input("Words to use (optional, comma-separated)", "", key="words",
+                          help="for models trained on requests (slm prepare --instruct): the story should use them")
+    dialogue = st.checkbox("with dialogue", key="dialogue")
+    story = {"words": [w.strip() for w in words.split(",") if w.strip()]}
+    if dialogue:
+        story["features"] = ["dialogue"]
+    return story if story["words"] or dialogue else {}
+
+
+def shown_prompt(prompt: str, story: dict) -> str:
+    """What the model is given: the request's header (built as the server builds it), then the prompt."""
+    try:
+        return header(make_request(story.get("words", []), story.get("features", []))) + prompt if story else prompt
+    except InstructError:
+        return prompt  # the API answers with the reason
 
 
 def sidebar() -> dict:
@@ -124,6 +146,7 @@ def main() -> None:
                "shape, the trained model without a KV cache, and the same model with one.")
     settings = sidebar()
     prompt = st.text_area("Prompt", "Once upon a time", key="prompt", height=100)
+    story = story_request()
     chosen = st.multiselect("Models", ORDER, default=["basic", "cached"], format_func=lambda m: LABELS[m],
                             key="models")
     if not st.button("Run", type="primary", key="run"):
@@ -142,11 +165,11 @@ def main() -> None:
             box = st.empty()
             try:
                 if model_type == "cached":
-                    out = stream_cached(prompt, settings, box)
+                    out = stream_cached(prompt, settings, story, box)
                 else:
                     with st.spinner("generating..."):
-                        out = predict(model_type, prompt, settings)
-                    show(box, prompt, out["result"])
+                        out = predict(model_type, prompt, settings, story)
+                    show(box, out["prompt"], out["result"])
             except (httpx.HTTPError, ApiError) as e:
                 box.error(describe(e))
                 continue

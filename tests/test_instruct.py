@@ -1,0 +1,205 @@
+"""Stories that follow a request (slm.instruct): the format, `slm prepare --instruct`, the loss mask, the saved
+template, and a tiny model that learns to use the words it is given."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_slm
+from slm import checkpoint, instruct
+from slm.data import BatchSampler, open_mask, open_tokens, prepare
+from slm.generation import Engine, SamplingParams
+from slm.tokenizer import Tokenizer
+from slm.train import TrainConfig, train
+
+
+def test_header_format():
+    request = instruct.make_request(["bottle", "queen", "loud"], ["Dialogue"])
+    assert instruct.header(request) == "Words: bottle, queen, loud\nFeatures: Dialogue\nStory:\n"
+    assert instruct.header(instruct.make_request(["cat"])) == "Words: cat\nStory:\n"
+    assert not instruct.make_request()
+
+
+@pytest.mark.parametrize("words, features, message", [
+    (["a"] * 9, [], "at most 8 words"),
+    (["b@d"], [], "'b@d' is not a word"),
+    (["two words"], [], "is not a word"),
+    (["x" * 25], [], "at most 24 characters"),
+    (["cat"], ["twist"], "unknown feature(s) 'twist'"),
+])
+def test_bad_requests_name_the_problem(words, features, message):
+    with pytest.raises(instruct.InstructError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        instruct.make_request(words, features)
+
+
+def test_training_requests_come_from_the_story():
+    story = 'Once upon a time Tom found a shiny stone by the river. "Look!" he said. "It glows," said Sue.'
+    words = instruct.content_words(story)
+    assert words == ["found", "shiny", "stone", "river", "glows"]  # no function words, no names
+    request = instruct.training_request(story, seed=0)
+    assert len(request.words) == 3 and set(request.words) <= set(words)
+    assert request == instruct.training_request(story, seed=0)  # the same corpus prepares the same way
+    assert request.features == ("dialogue",)
+    assert instruct.detect_features("No one spoke at all.") == ()
+
+
+def test_story_parts_cut_at_paragraphs():
+    text = "\n\n".join(f"Paragraph {i} " + "word " * 60 for i in range(20))
+    parts = instruct.story_parts(text, size=1000)
+    assert len(parts) > 1 and all(len(p) <= 1000 + 400 for p in parts)
+    assert "\n\n".join(parts) == text.strip()
+
+
+def test_used_words_counts_simple_inflections():
+    story = "The dogs were running. A girl smiled and jumped over the boxes."
+    assert instruct.used_words(story, ["dog", "run", "smile", "jump", "box", "cat"]) == [
+        True, True, True, True, True, False]
+
+
+# ---- prepare --instruct and the loss mask ----------------------------------------------------------------
+def test_prepare_writes_instruct_copies_with_a_mask(corpus, tmp_path):
+    meta = prepare([corpus], tmp_path, vocab_size=512, val_fraction=0.1, progress=False, instruct="stories")
+    assert meta["inputs"][1] == "instruct:stories.jsonl"
+    assert meta["instruct"] == {"template": instruct.TEMPLATE, "inputs": ["instruct:stories.jsonl"]}
+    tok = Tokenizer.load(tmp_path)
+    for split in ("train", "val"):
+        tokens, mask = open_tokens(tmp_path, split, meta), open_mask(tmp_path, split)
+        assert len(mask) == len(tokens)
+        plain, copies = (meta["sources"][i][split] for i in (0, 1))
+        assert mask[plain[0] : plain[1]].all()  # plain text: every token is learned
+        text = tok.decode(tokens[copies[0] : copies[1]].tolist())
+        # Each copy is on the same side of the split as its original: the same stories, after headers.
+        originals = tok.decode(tokens[plain[0] : plain[1]].tolist()).split("<|endoftext|>")[:-1]
+        stories = [doc.split("Story:\n", 1)[1] for doc in text.split("<|endoftext|>")[:-1]]
+        assert stories == originals
+        headers = [doc.split("Story:\n", 1)[0] for doc in text.split("<|endoftext|>")[:-1]]
+        assert all(h.startswith("Words: ") for h in headers)
+        # The mask leaves out exactly the header tokens.
+        n_header_tokens = sum(len(tok.encode(h + "Story:\n")) for h in headers)
+        assert int((mask[copies[0] : copies[1]] == 0).sum()) == n_header_tokens
+
+
+def test_prepare_instruct_names_an_unknown_input(corpus, tmp_path):
+    r = run_slm("prepare", str(corpus), "--out", str(tmp_path), "--instruct", "novels", "--quiet")
+    assert r.returncode == 2
+    assert "--instruct: no input file name starts with 'novels' (inputs: stories.jsonl)" in r.stderr
+
+
+def test_sampler_ignores_header_targets():
+    tokens = np.arange(40, dtype=np.uint16)
+    mask = np.ones(40, dtype=np.uint8)
+    mask[10:15] = 0
+    sampler = BatchSampler(tokens, 8, seed=0, mask=mask)
+    x, y = sampler.windows(np.array([5]))
+    assert x[0].tolist() == list(range(5, 13))
+    assert y[0].tolist() == [6, 7, 8, 9, -100, -100, -100, -100]
+    x, y = sampler.windows(np.array([12]))
+    assert y[0].tolist() == [-100, -100, 15, 16, 17, 18, 19, 20]
+
+
+# ---- a tiny model learns to use the requested words ------------------------------------------------------
+NOUNS = ["cat", "dog", "fox", "owl", "bear", "duck", "frog", "goat", "lion", "mouse", "pig", "hen",
+         "cake", "ball", "boat", "kite", "drum", "hat", "lamp", "bell", "ring", "shoe", "cup", "key"]
+
+
+def noun_story(rng: random.Random) -> str:
+    a, b, c = rng.sample(NOUNS, 3)  # the story's only content words: its request draws exactly these three
+    return f"Once upon a time there was a {a}. The {a} saw a {b}. Then the {b} saw a {c}."
+
+
+def train_story_model(tmp: Path, instruct_inputs: str) -> Path:
+    rng = random.Random(0)
+    corpus = tmp / "nouns.jsonl"
+    corpus.write_text("".join(json.dumps({"text": noun_story(rng)}) + "\n" for _ in range(1500)))
+    data = tmp / f"data-{bool(instruct_inputs)}"
+    prepare([corpus], data, vocab_size=512, val_fraction=0.05, progress=False, instruct=instruct_inputs)
+    cfg = TrainConfig(preset="tiny-llama", optimizer="muon", batch_size=16, max_steps=400, warmup_steps=20,
+                      eval_interval=400, eval_windows=8, log_interval=50, seed=0, device="cpu", dtype="fp32",
+                      mix="nouns=0" if instruct_inputs else "")  # instruct copies only: every story has a header
+    train(data, tmp / f"run-{bool(instruct_inputs)}", cfg, progress=False)
+    return tmp / f"run-{bool(instruct_inputs)}" / "last"
+
+
+def inclusion_rate(model_dir: Path, requests: list[tuple[str, ...]]) -> float:
+    model, tokenizer = checkpoint.load(model_dir)
+    engine = Engine(model, tokenizer, max_batch=len(requests))
+    seqs = [engine.add(tokenizer.encode(instruct.header(instruct.make_request(words))),
+                       SamplingParams(max_new_tokens=40, temperature=0.8, seed=i)) for i, words in enumerate(requests)]
+    while not all(s.finished for s in seqs):
+        engine.step()
+    used = [u for s, words in zip(seqs, requests, strict=True) for u in instruct.used_words(s.text, words)]
+    return sum(used) / len(used)
+
+
+@pytest.mark.slow
+def test_a_model_trained_with_the_template_uses_the_words(tmp_path):
+    torch.manual_seed(0)
+    with_template = train_story_model(tmp_path, "nouns")
+    without = train_story_model(tmp_path, "")
+    assert checkpoint.template(with_template) == instruct.TEMPLATE and checkpoint.template(without) is None
+    rng = random.Random(1)
+    requests = [tuple(rng.sample(NOUNS, 3)) for _ in range(24)]
+    rate_with, rate_without = inclusion_rate(with_template, requests), inclusion_rate(without, requests)
+    # Without the template the words are a guess among 24 nouns (about 3 in 24 per slot); with it, copied.
+    assert rate_with >= 0.6 and rate_with >= rate_without + 0.3, (rate_with, rate_without)
+
+
+# ---- asking for words: CLI and API -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def story_model(trained, tmp_path_factory) -> Path:
+    """The tiny trained model saved as if it had been trained on the instruct format (its template set)."""
+    model, tokenizer = checkpoint.load(trained)
+    return checkpoint.save(model, tokenizer, tmp_path_factory.mktemp("story") / "ck", template=instruct.TEMPLATE)
+
+
+def test_generate_words_builds_the_prompt(story_model):
+    r = run_slm("generate", "--model", str(story_model), "--words", "fox,cake", "--features", "dialogue",
+                "--prompt", "Once", "--max-new-tokens", "20", "--temperature", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["prompt"] == "Words: fox, cake\nFeatures: Dialogue\nStory:\nOnce"
+    assert out["words"] == ["fox", "cake"] and len(out["words_used"]) == 2
+    assert out["words_used"] == instruct.used_words(out["text"], ["fox", "cake"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--words", "fox"], "was not trained to follow requests"),  # the plain model: no template
+    (["--words", ",".join(["fox"] * 9)], "at most 8 words"),
+    (["--words", "f0x"], "'f0x' is not a word"),
+])
+def test_generate_words_errors(trained, story_model, args, message):
+    model = trained if "trained" in message else story_model
+    r = run_slm("generate", "--model", str(model), *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_api_words_change_the_prompt_and_show_it(story_model):
+    from helpers import app_server
+
+    head = "Words: fox, cake\nStory:\n"
+    with app_server(story_model) as (url, _):
+        r = httpx.post(f"{url}/predict", json={"input_text": "Once", "words": ["fox", "cake"], "temperature": 0,
+                                               "max_new_tokens": 8})
+        assert r.status_code == 200, r.text
+        assert r.json()["prompt"] == head + "Once"
+        plain = httpx.post(f"{url}/predict", json={"input_text": "Once", "temperature": 0, "max_new_tokens": 8})
+        assert plain.json()["prompt"] == "Once"
+        ids = Tokenizer.load(story_model).encode("Once")
+        for prompt in ("Once", ids):
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "words": ["fox", "cake"],
+                                                          "temperature": 0, "max_tokens": 8})
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            assert choice["prompt"] == head + "Once"
+            # The header reaches the model: the same as sending the whole prompt as text.
+            whole = httpx.post(f"{url}/v1/completions", json={"prompt": head + "Once", "temperature": 0,
+                                                              "max_tokens": 8})
+            assert choice["text"] == whole.json()["choices"][0]["text"]
+            assert r.json()["usage"]["prompt_tokens"] == whole.json()["usage"]["prompt_tokens"]
