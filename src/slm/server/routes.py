@@ -344,9 +344,15 @@ async def complete_one(s: Served, index: int, prompt: str | list[int], ids: list
     return result, len(ids), len(generated)
 
 
+# One server-sent event (OpenAPI 3.0/3.1 put the per-event schema under `schema`; 3.2 calls it itemSchema).
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a JSON text_completion chunk, an error object, or [DONE]"},
+    "event": {"type": "string"}, "id": {"type": "string"}}}
+
+
 @router.post("/v1/completions", responses={200: {
     "description": "a text_completion object; with `stream: true`, server-sent events of its chunks",
-    "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}})
+    "content": {"application/json": {}, "text/event-stream": {"schema": SSE_EVENT}}}})
 async def completions(body: CompletionRequest, http: Request, s: Served = Depends(served)):
     until = deadline(s)
     params = None
