@@ -2,8 +2,9 @@
 
     python benchmarks/finetune.py --minutes 5 --steps 100 [--sweep] [--json benchmarks/finetune.json]
 
-The new text is a whole book the bundled model never trained on: the largest juvenile-books document that its
-data split (`slm prepare` of all of ../shared/data, seed 0, 1% of documents) held out for validation. It is
+The new text is a whole book the bundled model never trained on: the largest juvenile-books document that a
+1% document split of all of ../shared/data (seed 0) holds out. The bundled model's split held out 2% (seed 0),
+and a document held out at 1% is held out at 2% too (the same hash, a lower threshold). It is
 prepared with the bundled model's tokenizer; its last 10% is the validation text. Every run gets the same
 optimizer steps and the same wall-time cap on this machine's cores (2 threads), one after another, and is
 scored with `slm eval` on the validation text (its last/ checkpoint: best/ would be picked on that same text).

@@ -2,8 +2,9 @@
 
     python benchmarks/instruct_words.py --minutes 6 --steps 120 [--json benchmarks/instruct-words.json]
 
-1. Data: all of ../shared/data in the bundled model's order with its tokenizer and its split (seed 0, 1% of
-   documents), plus instruct copies of the short-story inputs (`slm prepare --instruct tinystories,fables`),
+1. Data: all of ../shared/data in the bundled model's order with its tokenizer, split by documents (seed 0,
+   1%: every document held out here was held out from the bundled model too, whose split took 2%), plus
+   instruct copies of the short-story inputs (`slm prepare --instruct tinystories,fables`),
    each copy on the same side of the split as its original.
 2. Three fine-tunes of the bundled model (`--init-from default`), the same steps and wall-time cap each, the
    bundled model's input weights (simple-register inputs x3): plain text only (instruct copies at weight 0);
@@ -11,8 +12,8 @@
 3. Requests: triples of content words of validation stories (tinystories-sample and fables documents that
    neither the bundled model nor the fine-tunes trained on), drawn as `slm prepare` draws them. Each model
    writes 200 tokens at temperature 0.8 (seed = request number); a word counts when it or a simple inflection
-   is in the generated text (slm.instruct.used_words). Instruct models get the header; models without the
-   template get the plain-English request "This is a story about A, B and C. Once upon a time".
+   is in the generated text (slm.instruct.used_words). Instruct models get the header; the others (the bundled
+   model, the plain fine-tune) the plain-English request "This is a story about A, B and C. Once upon a time".
 4. Cost: bits/byte on each plain input's validation documents (first --eval-tokens tokens of each).
 """
 
@@ -34,11 +35,11 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 INPUTS = ["children-books", "juvenile-books", "fables", "tinystories-sample", "simple-stories"]  # bundled order
 BUNDLED_MIX = "simple-stories=3,tinystories=3,fables=3"
 INSTRUCT_WEIGHT = 30  # instruct copies are ~0.7M of ~51M weighted tokens: at 30, about 29% of the windows
-RUNS = {
-    "plain text only": [f"--mix={BUNDLED_MIX},instruct=0"],
-    "with instruct copies, loss on all tokens": [f"--mix={BUNDLED_MIX},instruct={INSTRUCT_WEIGHT}"],
-    "with instruct copies, loss on the story only": [f"--mix={BUNDLED_MIX},instruct={INSTRUCT_WEIGHT}",
-                                                    "--loss-on", "story"],
+RUNS = {  # name -> (slm train flags, the prompt its stories are asked for with)
+    "plain text only": ([f"--mix={BUNDLED_MIX},instruct=0"], "plain English"),
+    "with instruct copies, loss on all tokens": ([f"--mix={BUNDLED_MIX},instruct={INSTRUCT_WEIGHT}"], "header"),
+    "with instruct copies, loss on the story only": ([f"--mix={BUNDLED_MIX},instruct={INSTRUCT_WEIGHT}",
+                                                     "--loss-on", "story"], "header"),
 }
 PLAIN_PROMPT = "This is a story about {}, {} and {}. Once upon a time"
 
@@ -95,25 +96,24 @@ def main() -> None:
     if not (data / "meta.json").is_file():
         slm("prepare", *(str(DATA / f"{name}.jsonl.gz") for name in INPUTS), "--out", str(data), "--tokenizer",
             "default", "--instruct", "tinystories,fables", "--quiet")
-    models = {"bundled model": "default"}
-    for name, flags in RUNS.items():
+    models = {"bundled model": ("default", "plain English")}
+    for name, (flags, prompt) in RUNS.items():
         out = work / ("run-" + "".join(c if c.isalnum() else "-" for c in name)[:50])
         if not (out / "last").is_dir():
             slm("train", "--data", str(data), "--out", str(out), "--init-from", "default", "--max-minutes",
                 str(args.minutes), "--max-steps", str(args.steps), "--eval-interval", "1000", "--eval-windows", "16",
                 "--threads", "2", "--quiet", *flags)
-        models[name] = str(out / "last")
+        models[name] = (str(out / "last"), prompt)
     docs = source_documents(str(data), 10**9)
     requests = requests_from(docs["tinystories-sample"] + docs["fables"], args.requests)
     plain = {k: v[:400] for k, v in source_documents(str(data), args.eval_tokens).items()
              if not k.startswith("instruct")}
     rows = []
-    for name, model in models.items():
-        header = checkpoint.template(model) is not None
-        texts = write_stories(model, requests, header, args.tokens)
+    for name, (model, prompt) in models.items():
+        texts = write_stories(model, requests, prompt == "header", args.tokens)
         net, tokenizer = checkpoint.load(model)
         bpb = {k: evaluate_text(net, tokenizer, v, k)["bits_per_byte"] for k, v in plain.items()}
-        row = {"model": name, "path": model, "prompt": "header" if header else "plain English",
+        row = {"model": name, "path": model, "prompt": prompt,
                **inclusion(texts, requests), "bpb": bpb, "samples": [(list(w), t) for w, t in
                                                                   zip(requests[:3], texts[:3], strict=True)]}
         rows.append(row)

@@ -90,6 +90,16 @@ def trained_llama(prepared, tmp_path_factory) -> Path:
     return train_tiny(prepared, tmp_path_factory.mktemp("run-llama"), "tiny-llama", "muon")
 
 
+@pytest.fixture(scope="session")
+def story_model(trained, tmp_path_factory) -> Path:
+    """The tiny trained model saved as if it had been trained on the instruct format (its template set), for
+    the paths that take words; what it writes is not the point."""
+    from slm import checkpoint, instruct
+
+    model, tokenizer = checkpoint.load(trained)
+    return checkpoint.save(model, tokenizer, tmp_path_factory.mktemp("story") / "ck", template=instruct.TEMPLATE)
+
+
 @pytest.fixture(params=list(TINY_PRESETS))
 def trained_any(request) -> Path:
     """Each family's briefly trained checkpoint in turn."""

@@ -14,7 +14,7 @@ import torch
 
 from conftest import run_slm
 from slm import checkpoint, instruct
-from slm.data import BatchSampler, open_mask, open_tokens, prepare
+from slm.data import BatchSampler, open_mask, open_tokens, prepare, trains_on_instruct
 from slm.generation import Engine, SamplingParams
 from slm.tokenizer import Tokenizer
 from slm.train import TrainConfig, train
@@ -86,6 +86,14 @@ def test_prepare_writes_instruct_copies_with_a_mask(corpus, tmp_path):
         assert int((mask[copies[0] : copies[1]] == 0).sum()) == n_header_tokens
 
 
+def test_the_template_follows_the_mix(corpus, tmp_path):
+    meta = prepare([corpus], tmp_path, vocab_size=512, val_fraction=0.1, progress=False, instruct="stories")
+    assert trains_on_instruct(meta, "") and trains_on_instruct(meta, "stories=0")
+    assert not trains_on_instruct(meta, "instruct=0")  # instruct copies never sampled: no template learned
+    assert not trains_on_instruct(prepare([corpus], tmp_path / "plain", vocab_size=512, val_fraction=0.1,
+                                          progress=False), "")
+
+
 def test_prepare_instruct_names_an_unknown_input(corpus, tmp_path):
     r = run_slm("prepare", str(corpus), "--out", str(tmp_path), "--instruct", "novels", "--quiet")
     assert r.returncode == 2
@@ -152,13 +160,6 @@ def test_a_model_trained_with_the_template_uses_the_words(tmp_path):
 
 
 # ---- asking for words: CLI and API -----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def story_model(trained, tmp_path_factory) -> Path:
-    """The tiny trained model saved as if it had been trained on the instruct format (its template set)."""
-    model, tokenizer = checkpoint.load(trained)
-    return checkpoint.save(model, tokenizer, tmp_path_factory.mktemp("story") / "ck", template=instruct.TEMPLATE)
-
-
 def test_generate_words_builds_the_prompt(story_model):
     r = run_slm("generate", "--model", str(story_model), "--words", "fox,cake", "--features", "dialogue",
                 "--prompt", "Once", "--max-new-tokens", "20", "--temperature", "0", "--json")

@@ -93,6 +93,26 @@ def test_api_error_is_shown(api, app_with):
     assert at.error and all("API error 422" in e.value for e in at.error)
 
 
+def test_words_need_a_model_trained_on_requests(api, app_with):
+    at = app_with(api)
+    at.text_input(key="words").input("fox, cake")
+    at = run_prompt(at, "Once", ["basic", "cached"])
+    assert not at.exception
+    assert len(at.error) == 2 and all("API error 422" in e.value and "words" in e.value for e in at.error)
+
+
+def test_words_box_puts_the_request_in_front_of_the_prompt(story_model, app_with):
+    with server(story_model) as url:
+        at = app_with(url)
+        at.text_input(key="words").input("fox, cake")
+        at.checkbox(key="dialogue").check()
+        at = run_prompt(at, "Once", ["basic", "cached"])
+        assert not at.exception and not at.error
+        answers = [m.value for m in at.markdown if "slm-text" in m.value]
+        assert len(answers) == 2
+        assert all("Words: fox, cake<br>Features: Dialogue<br>Story:<br>Once" in a for a in answers), answers
+
+
 # ---- a real browser ---------------------------------------------------------------------------------------
 def chromium() -> str:
     path = shutil.which("chromium") or "/usr/bin/chromium"

@@ -550,11 +550,9 @@ class BatchSampler:
         self.rng.bit_generator.state = state
 
 
-def mixture(meta: dict, spec: str) -> list[tuple[int, int, float]] | None:
+def input_weights(meta: dict, spec: str) -> list[float]:
     """Parse ``--mix "simple-stories=3,fables=2"``: each name is the start of an input's file name; inputs not
-    named keep weight 1. Returns (start, end, weight) of every input's training tokens, or None for no mix."""
-    if not spec:
-        return None
+    named keep weight 1. One weight per input of meta["sources"]."""
     sources = meta.get("sources")
     if not sources:
         raise DataError("--mix needs per-input token ranges in meta.json: prepare the data again with this slm")
@@ -573,11 +571,27 @@ def mixture(meta: dict, spec: str) -> list[tuple[int, int, float]] | None:
             raise DataError(f"--mix: no input file name starts with {key!r} (inputs: {', '.join(names)})")
         for i in matches:
             weights[i] = weight
-    mix = [(src["train"][0], src["train"][1], w) for src, w in zip(sources, weights, strict=True)
-           if src["train"][1] > src["train"][0]]
+    return weights
+
+
+def mixture(meta: dict, spec: str) -> list[tuple[int, int, float]] | None:
+    """(start, end, weight) of every input's training tokens under ``--mix`` (input_weights), or None for no mix."""
+    if not spec:
+        return None
+    mix = [(src["train"][0], src["train"][1], w) for src, w in zip(meta["sources"], input_weights(meta, spec),
+                                                                     strict=True) if src["train"][1] > src["train"][0]]
     if not any(w > 0 for _, _, w in mix):
         raise DataError(f"--mix {spec!r}: every input has weight 0")
     return mix
+
+
+def trains_on_instruct(meta: dict, spec: str) -> bool:
+    """Whether training on this data (with this --mix) sees instruct documents: they are in it, at a weight > 0."""
+    instruct = set((meta.get("instruct") or {}).get("inputs", []))
+    if not instruct:
+        return False
+    weights = input_weights(meta, spec) if spec else [1.0] * len(meta["sources"])
+    return any(w > 0 for src, w in zip(meta["sources"], weights, strict=True) if src["input"] in instruct)
 
 
 def eval_windows(tokens: np.ndarray, context: int, n: int, seed: int = 1234) -> torch.Tensor:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from slm import checkpoint
 from slm.config import ConfigError, ModelConfig, get_preset
 from slm.cpu import bf16_pays
-from slm.data import BatchSampler, eval_windows, load_meta, mixture, open_mask, open_tokens
+from slm.data import BatchSampler, eval_windows, load_meta, mixture, open_mask, open_tokens, trains_on_instruct
 from slm.files import atomic_write, atomic_write_json
 from slm.model import GPT
 from slm.optim import Optimizers, make_optimizers
@@ -347,9 +347,10 @@ class Trainer:
         if cfg.loss_on == "story" and mask is None:
             raise TrainError(f"--loss-on story: {self.data_dir} has no instruct documents (train.mask); prepare "
                              "it with slm prepare --instruct NAMES")
-        # The request format the model learns (slm.instruct), saved with it: from the data, or kept from the
-        # model it starts from.
-        self.template = (self.meta.get("instruct") or {}).get("template") or (self.start and self.start.template)
+        # The request format the model learns (slm.instruct), saved with it: from the data when the mix samples
+        # its instruct copies, or kept from the model it starts from.
+        learned = self.meta["instruct"]["template"] if trains_on_instruct(self.meta, cfg.mix) else None
+        self.template = learned or (self.start.template if self.start else None)
 
     def restore(self, resume: bool) -> None:
         """Continue from last/ (--resume), or make sure we are not about to overwrite a run."""
