@@ -387,6 +387,11 @@ def stream_completion(s: Served, body: CompletionRequest, prompt: str | list[int
     req = submit(s, "cached", ids, params, until, stream=True) if params else None
 
     async def sse() -> AsyncIterator[str]:
+        if head:  # the whole prompt the model continues, first, as a non-streamed choice carries it
+            first = completion.chunk("", None)
+            first["choices"][0]["prompt"] = head + prompt if isinstance(prompt, str) else \
+                running_engine(s).tokenizer.decode(ids)
+            yield f"data: {json.dumps(first)}\n\n"
         if body.echo:
             echoed = head + prompt if isinstance(prompt, str) else running_engine(s).tokenizer.decode(ids)
             yield f"data: {json.dumps(completion.chunk(echoed, None))}\n\n"

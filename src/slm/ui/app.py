@@ -16,8 +16,6 @@ import httpx
 import pandas as pd
 import streamlit as st
 
-from slm.instruct import InstructError, header, make_request
-
 API_URL = os.environ.get("SLM_API_URL", "http://127.0.0.1:8000").rstrip("/")
 # Chosen by benchmarks/penalty_sweep.py on the bundled model: 1.1 cuts repeated 3-grams in greedy answers from
 # 47% to 13% for 0.013 bits/byte of held-out likelihood; stronger settings cost more (README, "Repetition control").
@@ -75,7 +73,6 @@ def stream_cached(prompt: str, settings: dict, story: dict, placeholder) -> dict
     body = {"prompt": prompt, "max_tokens": settings["max_new_tokens"], "temperature": settings["temperature"],
             "top_p": settings["top_p"] or 1.0, "top_k": settings["top_k"], "seed": settings["seed"], "stream": True,
             **controls, **story}
-    prompt = shown_prompt(prompt, story)
     text, usage, reason, timing = "", {}, None, {}
     with httpx.stream("POST", f"{API_URL}/v1/completions", json=body, headers=headers(), timeout=300) as r:
         if r.status_code >= 400:
@@ -88,6 +85,7 @@ def stream_cached(prompt: str, settings: dict, story: dict, placeholder) -> dict
             if "error" in event:
                 raise ApiError(event["error"]["message"])
             choice = event["choices"][0]
+            prompt = choice.get("prompt", prompt)  # with words: the server's whole prompt, in the first event
             text += choice["text"]
             reason = choice["finish_reason"] or reason
             usage = event.get("usage", usage)
@@ -107,14 +105,6 @@ def story_request() -> dict:
     if dialogue:
         story["features"] = ["dialogue"]
     return story if story["words"] or dialogue else {}
-
-
-def shown_prompt(prompt: str, story: dict) -> str:
-    """What the model is given: the request's header (built as the server builds it), then the prompt."""
-    try:
-        return header(make_request(story.get("words", []), story.get("features", []))) + prompt if story else prompt
-    except InstructError:
-        return prompt  # the API answers with the reason
 
 
 def sidebar() -> dict:
