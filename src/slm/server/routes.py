@@ -322,6 +322,11 @@ def top_alternatives(tokenizer, scores: TokenScores, j: int, token: int) -> dict
     return top
 
 
+def whole_prompt(s: Served, head: str, prompt: str | list[int], ids: list[int]) -> str:
+    """The text the model continued (echo, and a story request's shown prompt): decoded only when asked for."""
+    return head + prompt if isinstance(prompt, str) else running_engine(s).tokenizer.decode(ids)
+
+
 async def complete_one(s: Served, index: int, prompt: str | list[int], ids: list[int], body: CompletionRequest,
                        params: SamplingParams | None, until: float, http: Request,
                        head: str = "") -> tuple[dict, int, int]:
@@ -335,12 +340,11 @@ async def complete_one(s: Served, index: int, prompt: str | list[int], ids: list
         everything = ids + generated
         scores = await scores_of(s, everything, body.logprobs, until, http)
         logprobs = logprobs_object(running_engine(s).tokenizer, everything, scores, 0 if body.echo else len(ids))
-    full_prompt = head + prompt if isinstance(prompt, str) else running_engine(s).tokenizer.decode(ids)
     if body.echo:
-        text = full_prompt + text
+        text = whole_prompt(s, head, prompt, ids) + text
     result = choice(index, text, finish_reason(seq), logprobs)
     if head:
-        result["prompt"] = full_prompt
+        result["prompt"] = whole_prompt(s, head, prompt, ids)
     return result, len(ids), len(generated)
 
 
@@ -389,12 +393,10 @@ def stream_completion(s: Served, body: CompletionRequest, prompt: str | list[int
     async def sse() -> AsyncIterator[str]:
         if head:  # the whole prompt the model continues, first, as a non-streamed choice carries it
             first = completion.chunk("", None)
-            first["choices"][0]["prompt"] = head + prompt if isinstance(prompt, str) else \
-                running_engine(s).tokenizer.decode(ids)
+            first["choices"][0]["prompt"] = whole_prompt(s, head, prompt, ids)
             yield f"data: {json.dumps(first)}\n\n"
         if body.echo:
-            echoed = head + prompt if isinstance(prompt, str) else running_engine(s).tokenizer.decode(ids)
-            yield f"data: {json.dumps(completion.chunk(echoed, None))}\n\n"
+            yield f"data: {json.dumps(completion.chunk(whole_prompt(s, head, prompt, ids), None))}\n\n"
         if req is None:
             yield f"data: {json.dumps(completion.response([choice(0, '', 'length')], 0))}\n\n"
         else:
