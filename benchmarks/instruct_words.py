@@ -69,7 +69,8 @@ def write_stories(model: str, requests: list[tuple[str, ...]], header: bool, tok
         seqs = []
         for i, words in enumerate(requests[start : start + 16], start):
             prompt = instruct.header(instruct.make_request(words)) if header else PLAIN_PROMPT.format(*words)
-            seqs.append(engine.add(tokenizer.encode(prompt), SamplingParams(tokens, 0.8, seed=i)))
+            params = SamplingParams(max_new_tokens=tokens, temperature=0.8, seed=i)
+            seqs.append(engine.add(tokenizer.encode(prompt), params))
         while not all(s.finished for s in seqs):
             engine.step()
         texts += [s.text for s in seqs]

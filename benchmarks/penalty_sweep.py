@@ -62,7 +62,7 @@ def penalised_nll(logits: torch.Tensor, ids: list[int], controls: dict, vocab: i
     generated = onehot.clone()
     generated[:PROMPT_TOKENS] = 0
     counts = generated.cumsum(0)  # row t: counts of ids[PROMPT_TOKENS..t]
-    params = [SamplingParams(1, **controls)] * len(targets)
+    params = [SamplingParams(max_new_tokens=1, **controls)] * len(targets)
     logprobs = torch.log_softmax(apply_penalties(logits, counts, seen, params), dim=-1)
     picked = logprobs.gather(1, targets[:, None])[:, 0]
     return -float(picked[PROMPT_TOKENS:].sum())

@@ -147,3 +147,45 @@ def test_bench_prints_a_table_and_writes_json_and_plot(tmp_path, preset):
     # llama.cpp's columns (`make test` builds its tools first): the same weights through llama-bench
     assert all(row["llama_cpp_f32_tok_s"] > 0 and row["llama_cpp_f16_tok_s"] > 0 for row in result["rows"])
     assert (tmp_path / "b.png").stat().st_size > 5000
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only the project's own errors (SlmError) become one line; a ValueError from anywhere else is a bug."""
+    from slm import cli
+
+    def broken(args):
+        raise ValueError("a bug, not a user mistake")
+
+    monkeypatch.setattr(cli, "cmd_info", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["info"])
+
+
+def test_bench_settings_mistake_is_one_line(capsys):
+    from slm import cli
+
+    assert cli.main(["bench", "--lengths", "0", "--no-hf", "--no-llama-cpp"]) == 2
+    assert capsys.readouterr().err.strip() == "slm bench: error: --lengths must be positive integers, e.g. 64,128,512"
+
+
+def test_flags_are_made_from_the_settings_dataclasses():
+    """Every TrainConfig field is a `slm train` flag and every shape field a shape flag; `slm generate`'s sampling
+    flags default to SamplingParams' own defaults (nothing given means SamplingParams())."""
+    import dataclasses
+
+    from slm.cli import build_parser
+    from slm.generation import SamplingParams
+    from slm.train import TrainConfig
+
+    parser = build_parser()
+    train = parser.parse_args(["train", "--data", "d", "--out", "o", "--beta2", "0.99", "--no-compile",
+                               "--n-layer", "3", "--loss-on", "story"])
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= set(vars(train))
+    assert (train.beta2, train.compile, train.n_layer, train.loss_on, train.lr) == (0.99, False, 3, "story", None)
+    assert "n_layer" in train.model_flags and "vocab_size" not in train.model_flags
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--data", "d", "--out", "o", "--loss-on", "headers"])
+    gen = parser.parse_args(["generate", "--prompt", "x"])
+    given = {k: getattr(gen, k) for k in gen.sampling_flags if getattr(gen, k) is not None}
+    assert SamplingParams(**given) == SamplingParams() and SamplingParams().temperature == 0.8
+    assert parser.parse_args(["generate", "--top-k", "5"]).top_k == 5

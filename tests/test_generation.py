@@ -54,11 +54,11 @@ def test_sequences_join_and_leave_a_running_batch(tiny_model, decode_path):
     alone = [generate(tiny_model, [p], max_new_tokens=n, temperature=0)[0][len(p):]
              for p, n in zip(prompts, lengths, strict=True)]
     engine = Engine(tiny_model, max_batch=4)
-    seqs = [engine.add(prompts[0], SamplingParams(lengths[0], temperature=0))]
+    seqs = [engine.add(prompts[0], SamplingParams(max_new_tokens=lengths[0], temperature=0))]
     for step in range(400):
         if step in (3, 7, 25):
             i = len(seqs)
-            seqs.append(engine.add(prompts[i], SamplingParams(lengths[i], temperature=0)))
+            seqs.append(engine.add(prompts[i], SamplingParams(max_new_tokens=lengths[i], temperature=0)))
         engine.step()
         if not engine.active and len(seqs) == 4:
             break
@@ -91,7 +91,7 @@ def test_top_k_and_top_p_filtering():
 def test_kv_cache_is_written_in_place(tiny_model):
     engine = Engine(tiny_model, max_batch=2)
     k_ptr, v_ptr = engine.cache.k.data_ptr(), engine.cache.v.data_ptr()
-    engine.add([1, 2, 3], SamplingParams(3 * CONTEXT, temperature=0))
+    engine.add([1, 2, 3], SamplingParams(max_new_tokens=3 * CONTEXT, temperature=0))
     while engine.active:
         engine.step()
     assert (engine.cache.k.data_ptr(), engine.cache.v.data_ptr()) == (k_ptr, v_ptr)
@@ -127,13 +127,13 @@ def test_stop_strings_and_end_of_text(trained_any):
     model, tok = load(trained_any)
     prompt = tok.encode("Once upon a time there was a little")
     engine = Engine(model, tok, max_batch=1)
-    seq = engine.add(prompt, SamplingParams(200, temperature=0, stop=(".",)))
+    seq = engine.add(prompt, SamplingParams(max_new_tokens=200, temperature=0, stop=(".",)))
     while engine.active:
         engine.step()
     assert seq.finish_reason == "stop" and "." not in seq.text and seq.text
     # Without a stop string the trained model ends its story with <|endoftext|> before 200 tokens.
     engine = Engine(model, tok, max_batch=1)
-    seq = engine.add(prompt, SamplingParams(200, temperature=0))
+    seq = engine.add(prompt, SamplingParams(max_new_tokens=200, temperature=0))
     while engine.active:
         engine.step()
     assert seq.finish_reason == "eot" and tok.eot_id not in seq.generated
@@ -162,7 +162,7 @@ def test_stream_never_splits_a_character(trained):
     assert pieces == ["", "é", "", "", "", "🙂"]
     # A hot sampler emits arbitrary byte tokens; the streamed pieces still join to the decoded text.
     engine = Engine(model, tok, max_batch=1)
-    seq = engine.add(tok.encode("Once"), SamplingParams(80, temperature=5.0, seed=1))
+    seq = engine.add(tok.encode("Once"), SamplingParams(max_new_tokens=80, temperature=5.0, seed=1))
     streamed = []
     while engine.active:
         engine.step()
@@ -230,7 +230,7 @@ def test_empty_prompt_and_bad_token_ids(tiny_model):
 def test_identical_requests_in_one_batch(tiny_model):
     """Equal prompts and settings are still separate sequences (rows are tracked by identity)."""
     engine = Engine(tiny_model, max_batch=4)
-    seqs = [engine.add([5, 6, 7], SamplingParams(n, temperature=0)) for n in (30, 30, 10, 30)]
+    seqs = [engine.add([5, 6, 7], SamplingParams(max_new_tokens=n, temperature=0)) for n in (30, 30, 10, 30)]
     while engine.active:
         engine.step()
     alone = generate(tiny_model, [[5, 6, 7]], max_new_tokens=30, temperature=0)[0][3:]

@@ -10,6 +10,7 @@ of ``repeats`` runs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import platform
 import statistics
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from slm import native
-from slm.config import get_preset
+from slm.config import ConfigError, get_preset
 from slm.files import atomic_write, atomic_write_json
 from slm.generation import Engine, SamplingParams
 from slm.kv_cache import KVCache
@@ -66,11 +67,10 @@ def load_bench_model(model: str | None, preset: str, longest: int) -> tuple[GPT,
 
         m, tokenizer = load(model)
         return m, tokenizer, f"checkpoint {model}"
-    cfg = copy.deepcopy(get_preset(preset).config)
     # Random weights: give the shape room for the longest run, so every length decodes without a window
     # shift and transformers (which cannot go past its positions) can run at every length too.
-    cfg.context_length = max(cfg.context_length, PROMPT_TOKENS + longest)
-    cfg.dropout = 0.0
+    shape = get_preset(preset).config
+    cfg = dataclasses.replace(shape, context_length=max(shape.context_length, PROMPT_TOKENS + longest), dropout=0.0)
     torch.manual_seed(0)
     return GPT(cfg).eval(), None, f"random weights, {preset} shape (context {cfg.context_length})"
 
@@ -184,11 +184,11 @@ def run_bench(model: str | None, preset: str, lengths: list[int], repeats: int =
     """``llama_cpp``: add llama.cpp's columns (None: when its tools are built). ``text``: what the fp16
     weights' bits-per-byte change is measured on (else the fp32 greedy tokens, in bits per token)."""
     if not lengths or min(lengths) <= 0:
-        raise ValueError("--lengths must be positive integers, e.g. 64,128,512")
+        raise ConfigError("--lengths must be positive integers, e.g. 64,128,512")
     if repeats < 1:
-        raise ValueError("--repeats must be at least 1")
+        raise ConfigError("--repeats must be at least 1")
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
     if threads:
         torch.set_num_threads(threads)
     lengths = sorted(lengths)

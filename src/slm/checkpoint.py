@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from slm.config import ConfigError, ModelConfig
+from slm.errors import SlmError
 from slm.files import atomic_write, atomic_write_json
 from slm.model import GPT
 from slm.tokenizer import Tokenizer, TokenizerError
@@ -22,7 +23,7 @@ DEFAULT_MODEL = "slm-7m-stories"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SlmError):
     """A checkpoint directory is missing, incomplete, corrupt, or not in our format."""
 
 

@@ -1,12 +1,13 @@
 """The `slm` command. Each subcommand parses its flags and calls the module that does the work.
 
-User mistakes (missing files, bad settings) raise ValueError subclasses; they are printed as one line
-and exit with status 2, never as a traceback.
+User mistakes (missing files, bad settings) raise slm.errors.SlmError; they are printed as one line and exit
+with status 2. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 from slm.config import PRESETS
+from slm.errors import SlmError
 
 
 def _presets_help() -> str:
@@ -81,17 +83,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-MODEL_FLAGS = {
-    "arch": (str, "gpt2 | llama"), "n_layer": (int, "transformer blocks"), "n_head": (int, "attention heads"),
-    "n_kv_head": (int, "llama: key/value heads (grouped-query attention)"), "d_model": (int, "model width"),
-    "mlp_hidden": (int, "llama: SwiGLU hidden size"), "context_length": (int, "tokens of context"),
-    "rope_theta": (float, "llama: rotary base"), "dropout": (float, "dropout"),
-}
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from slm.train import TrainConfig, TrainError, load_config_file, resume_settings, settings_under_flags, train
 
     # The saved run's settings (with --resume), then the config file, then flags: each overrides the last.
@@ -103,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = v
-    for key in MODEL_FLAGS:
+    for key in args.model_flags:
         if getattr(args, key) is not None:
             model_overrides[key] = getattr(args, key)
     if args.init_from and args.preset:
@@ -158,10 +150,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from slm.instruct import used_words
 
     prompt, words = story_prompt(args)
-    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                            tuple(args.stop or ()), frequency_penalty=args.frequency_penalty,
-                            presence_penalty=args.presence_penalty, repetition_penalty=args.repetition_penalty,
-                            min_p=args.min_p)
+    given = {name: getattr(args, name) for name in args.sampling_flags if getattr(args, name) is not None}
+    params = SamplingParams(**given, stop=tuple(args.stop or ()))
     model, tokenizer = _load_model(args.model, args.threads)
     ids = tokenizer.encode(prompt)
     engine = Engine(model, tokenizer, max_batch=1, use_cache=not args.no_kv_cache,
@@ -259,20 +249,36 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 # ---- parser ---------------------------------------------------------------------------------------------
+FIELD_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}
+
+
+def add_settings(group: argparse._ActionsContainer, settings: type, show_defaults: bool = True) -> list[str]:
+    """One flag per field of a settings dataclass that has help text (config.setting): its type, choices and
+    help come from the field. The flag's own default is None, so that only the flags given override a preset,
+    a --config file or a resumed run's settings; the field's default is shown in the help. Returns the names."""
+    names = []
+    for f in dataclasses.fields(settings):
+        if "help" not in f.metadata:
+            continue
+        extra = {k: v for k, v in f.metadata.items() if k != "help"}
+        shown = f" (default {f.default})" if show_defaults and f.default not in ("", None) else ""
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=f.metadata["help"] + shown)
+        else:
+            group.add_argument(flag, type=FIELD_TYPES[str(f.type)], default=None, help=f.metadata["help"] + shown,
+                               **extra)
+        names.append(f.name)
+    return names
+
+
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=os.environ.get("SLM_MODEL", "default"),
                    help="checkpoint directory, or 'default' for the bundled model (env SLM_MODEL)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slm", description="A small GPT: prepare data, train, generate, serve.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_presets_help())
-    parser.add_argument("--version", action="version", version=f"slm {__import__('slm').__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("info", help="this machine (CPU, features, what auto picks) and the model presets")
-    p.set_defaults(func=cmd_info)
-
+def add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="corpus -> tokenizer + train.bin/val.bin")
     p.add_argument("inputs", nargs="*", help=".txt/.md files, directories, .jsonl(.gz), .parquet")
     p.add_argument("--out", required=True, help="output directory")
@@ -292,43 +298,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prepare)
 
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    from slm.config import ModelConfig
+    from slm.train import TrainConfig
+
     p = sub.add_parser("train", help="train a model on a prepared data directory",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_presets_help())
     p.add_argument("--data", required=True, help="directory written by `slm prepare`")
     p.add_argument("--out", required=True, help="run directory (best/, last/, metrics.jsonl, loss.png)")
-    p.add_argument("--preset", help="model preset (default slm-16m)")
     p.add_argument("--config", help="TOML file of training settings and a [model] table")
-    p.add_argument("--init-from", metavar="MODEL", default=None,
-                   help="fine-tune: start from this model's weights and shape (a checkpoint or run directory, or "
-                   "'default'), with a new optimizer and schedule; the data must use its tokenizer "
-                   "(slm prepare --tokenizer MODEL)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from last/ with the settings it was saved with (flags given now "
                    "override them; --max-minutes is per leg)")
-    for flag, typ, what in [
-        ("--max-steps", int, "optimizer steps"), ("--batch-size", int, "sequences per micro-batch per process"),
-        ("--grad-accum", int, "micro-batches per step"), ("--lr", float, "peak learning rate"),
-        ("--min-lr-ratio", float, "final lr / peak lr"), ("--warmup-steps", int, "linear warmup steps"),
-        ("--weight-decay", float, "AdamW weight decay"), ("--grad-clip", float, "gradient norm clip (0 = off)"),
-        ("--eval-interval", int, "steps between evaluations"), ("--eval-windows", int, "validation windows"),
-        ("--log-interval", int, "steps between log lines"), ("--seed", int, "random seed"),
-        ("--device", str, "auto | cpu | cuda | mps"), ("--dtype", str, "auto | fp32 | bf16 (autocast)"),
-        ("--threads", int, "torch CPU threads"), ("--max-minutes", float, "stop and save after this wall time"),
-        ("--optimizer", str, "adamw | muon (Muon for the blocks' matrices, AdamW for the rest)"),
-        ("--muon-lr", float, "Muon's peak learning rate (default 0.02)"),
-        ("--muon-momentum", float, "Muon's momentum (default 0.95)"),
-        ("--mix", str, "sample inputs by weight, e.g. simple-stories=3,fables=2 (names start input file names)"),
-        ("--loss-on", str, "all | story: 'story' leaves the instruct headers (slm prepare --instruct) out of the "
-         "loss"),
-    ]:
-        p.add_argument(flag, type=typ, default=None, help=what)
-    shape = p.add_argument_group("model shape (overrides the preset; recorded in the run's config.json)")
-    for key, (typ, what) in MODEL_FLAGS.items():
-        shape.add_argument("--" + key.replace("_", "-"), type=typ, default=None, help=what)
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar or log lines (metrics.jsonl still records every figure)")
-    p.set_defaults(func=cmd_train)
+    settings = p.add_argument_group("training settings", "slm.train.TrainConfig's defaults; a preset's own recipe "
+                                    "(slm info) or --init-from's fine-tuning recipe replaces some of them")
+    add_settings(settings, TrainConfig)
+    shape = p.add_argument_group("model shape", "the preset's (slm info) unless given; recorded in the run's "
+                                 "config.json")
+    p.set_defaults(func=cmd_train, model_flags=add_settings(shape, ModelConfig, show_defaults=False))
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    from slm.generation import SamplingParams
 
     p = sub.add_parser("generate", help="continue a prompt",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_presets_help())
@@ -337,16 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--words", metavar="A,B,C", help="ask for a story that uses these words (at most 8; for models "
                    "trained with `slm prepare --instruct`); the prompt shown starts with the request")
     p.add_argument("--features", metavar="F", help="with --words: features the story should have (dialogue)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None, help="keep tokens with p >= MIN_P x the top token's")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="> 1 discourages tokens already in the prompt or output (transformers' definition)")
-    p.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2, OpenAI's definition")
-    p.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2, OpenAI's definition")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    sampling = add_settings(p.add_argument_group("sampling (slm.generation.SamplingParams)"), SamplingParams)
     p.add_argument("--stop", action="append", help="stop before this string (repeatable)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole window every token")
     p.add_argument("--decode-weights", choices=["fp32", "fp16"], default="fp32",
@@ -354,8 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true", help="print text, token counts, seconds and tokens/s as JSON")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, sampling_flags=sampling)
 
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte on text files")
     _model_arg(p)
     p.add_argument("files", nargs="+", help="text files (.txt, .md, .jsonl, .jsonl.gz, .parquet)")
@@ -365,9 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_eval)
 
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    from slm.train import TrainConfig
+
     p = sub.add_parser("bench", help="decode speed: KV cache vs none vs transformers vs llama.cpp")
     p.add_argument("--model", default=None, help="checkpoint directory or 'default' (else random weights)")
-    p.add_argument("--preset", default="slm-16m", help="shape for random weights when no --model")
+    p.add_argument("--preset", default=TrainConfig.preset, help="shape for random weights when no --model")
     p.add_argument("--lengths", default="64,128,256,512")
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
     p.add_argument("--threads", type=int, default=None)
@@ -381,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a PNG of tokens/s against length")
     p.set_defaults(func=cmd_bench)
 
+
+def add_serving(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="the HTTP API")
     _model_arg(p)
     p.add_argument("--host", default=os.environ.get("SLM_HOST", "127.0.0.1"))
@@ -393,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-url", default=None, help="API base URL (env SLM_API_URL, default http://127.0.0.1:8000)")
     p.set_defaults(func=cmd_ui)
 
+
+def add_exports(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-hf", help="write a Hugging Face directory (GPT2LMHeadModel or LlamaForCausalLM)")
     _model_arg(p)
     p.add_argument("--out", required=True)
@@ -402,6 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the .gguf file to write")
     p.add_argument("--dtype", default="f32", choices=["f32", "f16"], help="matrices in f32 or f16")
     p.set_defaults(func=cmd_export_gguf)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slm", description="A small GPT: prepare data, train, generate, serve.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_presets_help())
+    parser.add_argument("--version", action="version", version=f"slm {__import__('slm').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="this machine (CPU, features, what auto picks) and the model presets").set_defaults(
+        func=cmd_info)
+    for add in (add_prepare, add_train, add_generate, add_eval, add_bench, add_serving, add_exports):
+        add(sub)
     return parser
 
 
@@ -409,10 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:  # our errors (and bad numbers) are user mistakes: one line, no traceback
-        print(f"slm {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
+    except (SlmError, FileNotFoundError) as e:  # a mistake the user can fix: one line, no traceback
         print(f"slm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,15 +5,23 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from slm.errors import SlmError
 
-class ConfigError(ValueError):
+
+class ConfigError(SlmError):
     """A configuration the user gave cannot be used."""
 
 
 ARCHS = ("gpt2", "llama")
 
 
-@dataclass
+def setting(default: object, help: str, **cli: object) -> dataclasses.Field:
+    """A dataclass field with its help text beside its default: the CLI makes a flag of it (cli.add_settings).
+    ``cli`` holds extra argparse keywords (choices, metavar)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Shape of a decoder-only transformer. Everything the model needs, nothing about data or files.
 
@@ -22,17 +30,17 @@ class ModelConfig:
     ``rope_theta`` and ``mlp_hidden`` only apply to llama; 0 means "derive it" (see the properties below).
     """
 
-    vocab_size: int = 8192
-    context_length: int = 512
-    n_layer: int = 7
-    n_head: int = 6
-    d_model: int = 384
-    dropout: float = 0.0
+    vocab_size: int = 8192  # no flag: it is the tokenizer's
+    context_length: int = setting(512, "tokens of context")
+    n_layer: int = setting(7, "transformer blocks")
+    n_head: int = setting(6, "attention heads")
+    d_model: int = setting(384, "model width")
+    dropout: float = setting(0.0, "dropout")
     layer_norm_eps: float = 1e-5
-    arch: str = "gpt2"
-    n_kv_head: int = 0  # llama: key/value heads (grouped-query attention); 0 = n_head
-    rope_theta: float = 10000.0  # llama: base of the rotary frequencies
-    mlp_hidden: int = 0  # llama: SwiGLU hidden size; 0 = the size that matches a GPT-2 block's parameters
+    arch: str = setting("gpt2", "model family", choices=ARCHS)
+    n_kv_head: int = setting(0, "llama: key/value heads (grouped-query attention); 0 = n_head")
+    rope_theta: float = setting(10000.0, "llama: base of the rotary frequencies")
+    mlp_hidden: int = setting(0, "llama: SwiGLU hidden size; 0 = the size that matches a GPT-2 block's parameters")
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -153,8 +161,6 @@ PRESETS: dict[str, Preset] = {
         description="tiny in the llama family, 4 query heads sharing 2 key/value heads; for tests",
     ),
 }
-
-DEFAULT_PRESET = "slm-16m"
 
 
 def get_preset(name: str) -> Preset:

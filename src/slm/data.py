@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from slm.errors import SlmError
 from slm.files import atomic_write_json
 from slm.instruct import TEMPLATE, instruct_documents
 from slm.tokenizer import Tokenizer
@@ -27,7 +28,7 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 SUPPORTED = TEXT_SUFFIXES + JSONL_SUFFIXES + (".parquet",)
 
 
-class DataError(ValueError):
+class DataError(SlmError):
     """The corpus or a prepared data directory cannot be used."""
 
 

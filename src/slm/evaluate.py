@@ -19,7 +19,7 @@ def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int,
     first window that reaches it, so every prediction after the first window sees >= ``context - stride``
     tokens."""
     if not 1 <= stride <= context:
-        raise ValueError(f"stride must be in [1, {context}], got {stride}")
+        raise DataError(f"stride must be in [1, {context}], got {stride}")
     windows: list[tuple[int, int]] = []
     scored = 0  # targets ids[1 .. scored] are done
     begin = 0

@@ -9,14 +9,20 @@ llama.cpp's convert_hf_to_gguf.py read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
 from slm.config import ModelConfig
+from slm.errors import SlmError
 from slm.model import GPT
 from slm.tokenizer import EOT, Tokenizer
+
+
+class ExportError(SlmError):
+    """A model that cannot be exported, or a missing exporter package."""
 
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -25,7 +31,7 @@ def _transformers():
     try:
         import transformers
     except ImportError as e:
-        raise ValueError("Hugging Face export needs `transformers`: pip install 'slm[dev]' or transformers") from e
+        raise ExportError("Hugging Face export needs `transformers`: pip install 'slm[dev]' or transformers") from e
     return transformers
 
 
@@ -93,7 +99,7 @@ def to_hf_model(model: GPT, eot_id: int | None = None):
     missing, unexpected = hf.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith(("attn.bias", "attn.masked_bias"))]
     if missing or unexpected:
-        raise ValueError(f"weight names do not match {type(hf).__name__}: missing {missing}, unexpected {unexpected}")
+        raise ExportError(f"weight names do not match {type(hf).__name__}: missing {missing}, unexpected {unexpected}")
     return hf.eval()
 
 
@@ -112,21 +118,20 @@ def export_hf(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = Non
 def from_hf_llama(hf) -> GPT:
     c = hf.config
     if c.hidden_act != "silu" or getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
-        raise ValueError("unsupported llama variant: slm's llama uses SiLU (SwiGLU) and no biases")
+        raise ExportError("unsupported llama variant: slm's llama uses SiLU (SwiGLU) and no biases")
     rope = getattr(c, "rope_parameters", None) or {"rope_theta": getattr(c, "rope_theta", 10000.0)}
     if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"unsupported rope scaling {rope.get('rope_type')!r}: slm uses plain rotary positions")
+        raise ExportError(f"unsupported rope scaling {rope.get('rope_type')!r}: slm uses plain rotary positions")
     if c.head_dim != c.hidden_size // c.num_attention_heads:
-        raise ValueError("unsupported llama shape: head_dim must be hidden_size / num_attention_heads")
+        raise ExportError("unsupported llama shape: head_dim must be hidden_size / num_attention_heads")
     config = ModelConfig(vocab_size=c.vocab_size, context_length=c.max_position_embeddings, n_layer=c.num_hidden_layers,
                          n_head=c.num_attention_heads, d_model=c.hidden_size, layer_norm_eps=c.rms_norm_eps,
                          arch="llama", rope_theta=float(rope["rope_theta"]), dropout=float(c.attention_dropout))
     # Settings equal to what slm derives stay 0 ("derived"), so a round trip gives back the same config.
     if c.num_key_value_heads != c.num_attention_heads:
-        config.n_kv_head = c.num_key_value_heads
+        config = dataclasses.replace(config, n_kv_head=c.num_key_value_heads)
     if config.hidden != c.intermediate_size:
-        config.mlp_hidden = c.intermediate_size
-    config.__post_init__()
+        config = dataclasses.replace(config, mlp_hidden=c.intermediate_size)
     model = GPT(config)
     hf_state = {k: v.detach().float() for k, v in hf.state_dict().items()}
     state = {"wte.weight": hf_state["model.embed_tokens.weight"], "ln_f.weight": hf_state["model.norm.weight"]}
@@ -147,7 +152,7 @@ def from_hf_model(hf) -> GPT:
     config = ModelConfig(vocab_size=c.vocab_size, context_length=c.n_positions, n_layer=c.n_layer, n_head=c.n_head,
                          d_model=c.n_embd, dropout=float(c.resid_pdrop), layer_norm_eps=c.layer_norm_epsilon)
     if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"unsupported activation {c.activation_function!r}: slm uses GELU(tanh) like GPT-2")
+        raise ExportError(f"unsupported activation {c.activation_function!r}: slm uses GELU(tanh) like GPT-2")
     model = GPT(config)
     hf_state = hf.state_dict()
     state = {}
@@ -163,10 +168,10 @@ def import_hf(path: str | Path) -> tuple[GPT, Tokenizer | None]:
     tf = _transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
+        raise ExportError(f"{path}: not a Hugging Face model directory (no config.json)")
     model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
     if model_type not in ("gpt2", "llama"):
-        raise ValueError(f"{path}: model_type {model_type!r} is not supported (gpt2 or llama)")
+        raise ExportError(f"{path}: model_type {model_type!r} is not supported (gpt2 or llama)")
     hf = (tf.LlamaForCausalLM if model_type == "llama" else tf.GPT2LMHeadModel).from_pretrained(path,
                                                                                                dtype=torch.float32)
     tok = Tokenizer.load(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None

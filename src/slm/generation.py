@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slm.config import setting
+from slm.errors import SlmError
 from slm.kv_cache import KVCache
 from slm.model import GPT
 from slm.native import decoder_for as native_decoder
@@ -25,6 +27,7 @@ MAX_NEW_TOKENS_LIMIT = 100_000
 TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-4, 5.0  # or exactly 0 (greedy): a smaller one would round to 0 in float32
 PENALTY_RANGE = (-2.0, 2.0)  # frequency and presence penalties (OpenAI's range)
 REPETITION_PENALTY_RANGE = (0.01, 10.0)
+MIN_P_RANGE = (0.0, 1.0)
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 200
 
 
@@ -35,23 +38,30 @@ def temperature_ok(t: float) -> bool:
     return t == 0 or TEMPERATURE_MIN <= t <= TEMPERATURE_MAX  # NaN fails both
 
 
-class GenerationError(ValueError):
+class GenerationError(SlmError):
     """A generation setting or prompt that cannot be used."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
+    """How one sequence is sampled. These defaults are the project's only ones: `slm generate`'s flags, /predict
+    and generate()/stream() take theirs from here (/v1/completions keeps OpenAI's); the bounds are the constants
+    above, which the server's request schema uses too."""
+
+    max_new_tokens: int = setting(100, f"tokens to generate at most (1..{MAX_NEW_TOKENS_LIMIT:,})")
+    temperature: float = setting(0.8, "0 = greedy")
+    top_k: int | None = setting(None, "sample from the K most likely tokens only (0 = off)")
+    top_p: float | None = setting(None, "sample from the most likely tokens that hold this much probability")
+    seed: int | None = setting(None, "same seed, same text")
     stop: tuple[str, ...] = ()  # generation ends before the first of these strings
     stop_at_eot: bool = True  # end at <|endoftext|> (when the engine knows its id)
-    frequency_penalty: float = 0.0  # OpenAI: logit -= penalty x times the token was generated
-    presence_penalty: float = 0.0  # OpenAI: logit -= penalty if the token was generated at all
-    repetition_penalty: float = 1.0  # CTRL / transformers: a seen token's logit / p if > 0, x p if < 0
-    min_p: float | None = None  # keep tokens with probability >= min_p x the top token's
+    frequency_penalty: float = setting(0.0, f"{PENALTY_RANGE[0]:g}..{PENALTY_RANGE[1]:g}, OpenAI's: a token's logit "
+                                       "drops by this for every time it was generated")
+    presence_penalty: float = setting(0.0, f"{PENALTY_RANGE[0]:g}..{PENALTY_RANGE[1]:g}, OpenAI's: a token's logit "
+                                      "drops by this once it was generated")
+    repetition_penalty: float = setting(1.0, "> 1 discourages tokens already in the prompt or output (CTRL's and "
+                                        "transformers': a seen token's logit / p if > 0, x p if < 0)")
+    min_p: float | None = setting(None, "keep tokens with probability >= MIN_P x the top token's")
 
     @property
     def penalised(self) -> bool:
@@ -77,8 +87,8 @@ class SamplingParams:
         if not low <= self.repetition_penalty <= high:
             raise GenerationError(f"repetition_penalty must be between {low} and {high} (1 = off), "
                                   f"got {self.repetition_penalty}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise GenerationError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.min_p is not None and not MIN_P_RANGE[0] <= self.min_p <= MIN_P_RANGE[1]:
+            raise GenerationError(f"min_p must be in [{MIN_P_RANGE[0]:g}, {MIN_P_RANGE[1]:g}], got {self.min_p}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(s for s in self.stop if s)
@@ -372,8 +382,8 @@ def _as_lists(tokens: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]
 def generate(
     model: GPT,
     tokens: torch.Tensor | Sequence[Sequence[int]],
-    max_new_tokens: int = 128,
-    temperature: float = 1.0,
+    max_new_tokens: int = SamplingParams.max_new_tokens,
+    temperature: float = SamplingParams.temperature,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
@@ -398,8 +408,8 @@ def generate(
         engine.eot_id = eot_id
     seqs = []
     for i, p in enumerate(prompts):
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p,
-                                None if seed is None else seed + i, tuple(stop), **controls)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                seed=None if seed is None else seed + i, stop=tuple(stop), **controls)
         seqs.append(engine.add(p, params))
     while engine.active:
         engine.step()
@@ -415,8 +425,8 @@ def stream(
     model: GPT,
     tokenizer: Tokenizer,
     prompt: str | Sequence[int],
-    max_new_tokens: int = 128,
-    temperature: float = 1.0,
+    max_new_tokens: int = SamplingParams.max_new_tokens,
+    temperature: float = SamplingParams.temperature,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
@@ -427,7 +437,9 @@ def stream(
     """Yield the continuation of one prompt as text pieces, as they are produced (never half a character)."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     engine = Engine(model, tokenizer, max_batch=1, use_cache=use_cache)
-    seq = engine.add(ids, SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop), **controls))
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, stop=tuple(stop), **controls)
+    seq = engine.add(ids, params)
     while not seq.finished:
         engine.step()
         raise_failed([seq])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slm.export import split_llama_block
+from slm.export import ExportError, split_llama_block
 from slm.model import GPT
 from slm.tokenizer import Tokenizer
 
@@ -26,7 +26,7 @@ def _gguf():
     try:
         import gguf
     except ImportError as e:
-        raise ValueError("GGUF export needs the `gguf` package: pip install gguf") from e
+        raise ExportError("GGUF export needs the `gguf` package: pip install gguf") from e
     return gguf
 
 
@@ -112,7 +112,7 @@ def add_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
 def export_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str = "f32", name: str = "slm") -> Path:
     """Write ``path``: matrices in ``dtype`` (f32 or f16), norms and biases in f32 (as llama.cpp's converter)."""
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose {' or '.join(DTYPES)}")
+        raise ExportError(f"--dtype {dtype!r}: choose {' or '.join(DTYPES)}")
     gguf, path = _gguf(), Path(path)
     arch = "llama" if model.config.arch == "llama" else "gpt2"
     writer = gguf.GGUFWriter(str(path), arch)

@@ -19,6 +19,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from slm.errors import SlmError
+
 TEMPLATE = "words-v1"  # saved with the data (meta.json) and with every model trained on it (config.json)
 N_WORDS = 3  # words per training story, as in TinyStories-Instruct
 MAX_WORDS = 8  # words one request may ask for
@@ -42,7 +44,7 @@ away again oh well mr mrs miss go going gone know knew think thought tell told a
 STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 
 
-class InstructError(ValueError):
+class InstructError(SlmError):
     """A request for words or features that cannot be used."""
 
 

@@ -13,6 +13,7 @@ keeps the same names with fused matrices (q|k|v in ``c_attn``, gate|up in ``c_fc
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat((x2, x1), dim=-1) * sin
 
 
+@dataclass(frozen=True)
+class Attend:
+    """What every block's attention needs in one forward pass, worked out once by ``GPT.attend``.
+
+    ``start``: where the new tokens go in the cache (None: each row at its own length, one token each).
+    ``causal``: SDPA's own causal mask (no cached prefix); else ``mask`` (True = may attend) or, for one new
+    token that sees everything before it, no mask at all. ``rotary``: cos/sin of the tokens' positions (llama).
+    """
+
+    start: int | None
+    causal: bool
+    mask: torch.Tensor | None
+    rotary: tuple[torch.Tensor, torch.Tensor] | None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -51,38 +67,27 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.d_model, config.d_model, bias=bias)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None, start: int | None,
-                decode_mask: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None, attend: Attend) -> torch.Tensor:
         b, t, c = x.shape
         qkv = self.c_attn(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         qk_heads = self.n_head + self.n_kv_head
-        if rotary is None:
+        if attend.rotary is None:
             q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
         else:  # queries and keys rotated in one go
-            q, k = apply_rotary(qkv[:, :qk_heads], *rotary).split([self.n_head, self.n_kv_head], dim=1)
+            q, k = apply_rotary(qkv[:, :qk_heads], *attend.rotary).split([self.n_head, self.n_kv_head], dim=1)
             v = qkv[:, qk_heads:]
+        if cache is not None:
+            k, v = cache.write(self.layer, k, v, attend.start)
         dropout = self.dropout if self.training else 0.0
         gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, **gqa)
-        else:
-            k, v = cache.write(self.layer, k, v, start)
-            if start is None:  # rows at different positions, one new token each
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=decode_mask, **gqa)
-            elif t == 1:  # one new token attends to everything before it
-                y = F.scaled_dot_product_attention(q, k, v, **gqa)
-            elif start == 0:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
-            else:  # a chunk after a cached prefix: causal mask shifted by `start`
-                rows = torch.arange(t, device=x.device)[:, None] + start
-                mask = torch.arange(start + t, device=x.device)[None, :] <= rows
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend.mask, is_causal=attend.causal, dropout_p=dropout,
+                                           **gqa)
         y = self.c_proj(y.transpose(1, 2).reshape(b, t, c))
         return F.dropout(y, dropout, self.training) if dropout else y
 
 
 class MLP(nn.Module):
-    """GPT-2: GELU(tanh) between two matrices."""
+    """GPT-2: GELU(tanh) between two matrices (SwiGLU is its llama sibling)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -95,11 +100,11 @@ class MLP(nn.Module):
         return F.dropout(y, self.dropout, self.training) if self.dropout and self.training else y
 
 
-class SwiGLU(MLP):
+class SwiGLU(nn.Module):
     """llama: silu(gate) * up, then down. Gate and up are one fused matrix ``c_fc`` (one matmul, not two)."""
 
     def __init__(self, config: ModelConfig) -> None:
-        nn.Module.__init__(self)
+        super().__init__()
         self.c_fc = nn.Linear(config.d_model, 2 * config.hidden, bias=False)
         self.c_proj = nn.Linear(config.hidden, config.d_model, bias=False)
         self.dropout = config.dropout
@@ -124,9 +129,8 @@ class Block(nn.Module):
         self.ln_2 = norm_layer(config)
         self.mlp = SwiGLU(config) if config.arch == "llama" else MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None, start: int | None,
-                decode_mask: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, start, decode_mask, rotary)
+    def forward(self, x: torch.Tensor, cache: KVCache | None, attend: Attend) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, attend)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -181,6 +185,33 @@ class GPT(nn.Module):
             return self.wte(tokens) + self.wpe(pos), None
         return self.wte(tokens), (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])
 
+    def positions(self, t: int, cache: KVCache | None) -> tuple[torch.Tensor, int | None]:
+        """Positions ``[1|B, T]`` of the new tokens and the cache's shared start (None: rows differ)."""
+        device = self.wte.weight.device
+        start = 0 if cache is None else cache.uniform_start()
+        if start is None:  # rows at different positions (decode only): each at its own length
+            pos, end = cache.lengths[:, None], int(cache.lengths.max()) + t
+        else:
+            pos, end = torch.arange(start, start + t, device=device)[None, :], start + t
+        if end > self.config.context_length:
+            what = f"sequence of {t} tokens exceeds" if cache is None else f"position {end - 1} is past"
+            raise ValueError(f"{what} the context length {self.config.context_length}")
+        return pos, start
+
+    @staticmethod
+    def attention_mask(t: int, cache: KVCache | None, start: int | None) -> tuple[bool, torch.Tensor | None]:
+        """(causal, mask) for SDPA. Each case keeps the cheapest form, because SDPA's fast kernels take
+        ``is_causal`` or no mask but not an explicit one: training and a first chunk are causal; one new token
+        sees everything cached; only rows at different lengths, or a chunk after a cached prefix, need a mask."""
+        if cache is None or start == 0:
+            return t > 1, None
+        if start is None:
+            return False, cache.decode_mask()
+        if t == 1:
+            return False, None
+        rows = torch.arange(t, device=cache.lengths.device)[:, None] + start  # causal, shifted by `start`
+        return False, torch.arange(start + t, device=cache.lengths.device)[None, :] <= rows
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -193,32 +224,18 @@ class GPT(nn.Module):
         ``cache.lengths[b]``, its keys and values are written into the cache, and the lengths advance by T.
         """
         b, t = tokens.shape
-        start, decode_mask = 0, None
-        if cache is None:
-            if t > self.config.context_length:
-                raise ValueError(f"sequence of {t} tokens exceeds the context length {self.config.context_length}")
-            pos = torch.arange(t, device=tokens.device)[None, :]
-        else:
-            start = cache.uniform_start()
-            if start is None:  # rows at different positions (decode only): each at its own length
-                end = int(cache.lengths.max()) + t
-                pos = cache.lengths[:, None]
-                decode_mask = cache.decode_mask()
-            else:
-                end = start + t
-                pos = torch.arange(start, end, device=tokens.device)[None, :]
-            if end > self.config.context_length:
-                raise ValueError(f"position {end - 1} is past the context length {self.config.context_length}")
+        pos, start = self.positions(t, cache)
         x, rotary = self.embed(tokens, pos)
+        attend = Attend(start, *self.attention_mask(t, cache, start), rotary)
         if self.training and self.config.dropout:
             x = F.dropout(x, self.config.dropout, True)
         for block in self.h:
-            x = block(x, cache, start, decode_mask, rotary)
+            x = block(x, cache, attend)
         if cache is not None:
             cache.advance(t)
         if logits_at is not None:
             x = x[torch.arange(b, device=x.device), logits_at]
         x = self.ln_f(x)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled():  # training (or any caller that wants gradients): through the tied weight
             return F.linear(x, self.wte.weight)
-        return x @ self._head_weight_t()
+        return x @ self._head_weight_t()  # inference: a cached transposed copy, faster for decode steps

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch.optim._muon import _adjust_lr
 
+from slm.config import ConfigError
+
 OPTIMIZERS = ("adamw", "muon")
 
 
@@ -106,7 +108,7 @@ def make_optimizers(model: torch.nn.Module, kind: str, lr: float, weight_decay: 
                     muon_lr: float, muon_momentum: float, device: torch.device, cpu_bf16_fast: bool) -> Optimizers:
     """AdamW on everything (weight decay on block matrices only), or Muon on block matrices + AdamW on the rest."""
     if kind not in OPTIMIZERS:
-        raise ValueError(f"--optimizer {kind!r}: choose {' or '.join(OPTIMIZERS)}")
+        raise ConfigError(f"--optimizer {kind!r}: choose {' or '.join(OPTIMIZERS)}")
     matrices, embeddings, vectors = split_parameters(model)
     if kind == "adamw":
         groups = [{"params": matrices, "weight_decay": weight_decay},

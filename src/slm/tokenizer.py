@@ -10,10 +10,12 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from slm.errors import SlmError
+
 EOT = "<|endoftext|>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(SlmError):
     """A tokenizer file or setting cannot be used."""
 
 

@@ -21,47 +21,58 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from slm import checkpoint
-from slm.config import ConfigError, ModelConfig, get_preset
+from slm.config import ConfigError, ModelConfig, get_preset, setting
 from slm.cpu import bf16_pays
 from slm.data import BatchSampler, eval_windows, load_meta, mixture, open_mask, open_tokens, trains_on_instruct
+from slm.errors import SlmError
 from slm.files import atomic_write, atomic_write_json
 from slm.model import GPT
 from slm.optim import Optimizers, make_optimizers
 from slm.tokenizer import Tokenizer
 
 
-class TrainError(ValueError):
+class TrainError(SlmError):
     """A training setting or state that cannot be used."""
+
+
+LOSS_ON = ("all", "story")
 
 
 @dataclass
 class TrainConfig:
-    preset: str = "slm-16m"
-    batch_size: int = 16  # sequences per micro-batch per process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 2000
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
-    muon_lr: float = 0.02  # Muon's peak learning rate (lr above stays AdamW's)
-    muon_momentum: float = 0.95
-    mix: str = ""  # sample some inputs more often: "simple-stories=3,fables=2" (weights per input file name)
-    loss_on: str = "all"  # all | story: "story" leaves instruct headers (slm prepare --instruct) out of the loss
-    eval_interval: int = 100
-    eval_windows: int = 64  # validation windows scored at each evaluation (the same ones every time)
-    log_interval: int = 10
-    seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # auto | fp32 | bf16
-    compile: bool = False
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    max_minutes: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
-    init_from: str = ""  # start from this model's weights (fine-tuning): a checkpoint, a run directory or "default"
+    """Every training setting, its default and its help text: `slm train` makes one flag of each field."""
+
+    preset: str = setting("slm-16m", "model preset (slm info lists them)")
+    batch_size: int = setting(16, "sequences per micro-batch per process")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    max_steps: int = setting(2000, "optimizer steps")
+    lr: float = setting(1e-3, "peak learning rate (AdamW's)")
+    min_lr_ratio: float = setting(0.1, "the cosine schedule decays to lr x this")
+    warmup_steps: int = setting(100, "linear warmup steps")
+    weight_decay: float = setting(0.1, "AdamW weight decay")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    grad_clip: float = setting(1.0, "gradient norm clip (0 = off)")
+    optimizer: str = setting("adamw", "muon: Muon for the blocks' matrices, AdamW for the rest",
+                             choices=("adamw", "muon"))
+    muon_lr: float = setting(0.02, "Muon's peak learning rate (lr stays AdamW's)")
+    muon_momentum: float = setting(0.95, "Muon's momentum")
+    mix: str = setting("", "sample inputs by weight, e.g. simple-stories=3,fables=2 (names start input file names)")
+    loss_on: str = setting("all", "story: leave the instruct headers (slm prepare --instruct) out of the loss",
+                           choices=LOSS_ON)
+    eval_interval: int = setting(100, "steps between evaluations")
+    eval_windows: int = setting(64, "validation windows scored at each evaluation (the same ones every time)")
+    log_interval: int = setting(10, "steps between log lines")
+    seed: int = setting(1337, "random seed")
+    device: str = setting("auto", "auto | cpu | cuda | mps")
+    dtype: str = setting("auto", "autocast precision; auto: bf16 where this machine runs it faster",
+                         choices=("auto", "fp32", "bf16"))
+    compile: bool = setting(False, "torch.compile the model")
+    threads: int = setting(0, "torch CPU threads; 0 = torch's default")
+    max_minutes: float = setting(0.0, "stop and save after this much wall time (per leg with --resume); 0 = no limit")
+    init_from: str = setting("", "fine-tune: start from this model's weights and shape (a checkpoint or run "
+                             "directory, or 'default'), with a new optimizer and schedule; the data must use its "
+                             "tokenizer (slm prepare --tokenizer MODEL)", metavar="MODEL")
 
 
 # Fine-tuning (--init-from) starts from weights that are already good: a lower peak rate and a short warmup
@@ -276,9 +287,6 @@ def evaluate_windows(model: GPT, windows: torch.Tensor, batch_size: int, device:
         count += w[:, 1:].numel()
     model.train()
     return total / count
-
-
-LOSS_ON = ("all", "story")
 
 
 def check_settings(cfg: TrainConfig) -> None:

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
 import slm
-from slm.checkpoint import load, resolve, template
+from slm.checkpoint import CheckpointError, load, resolve, template
 from slm.generation import GenerationError
 from slm.model import GPT
 from slm.server.connections import uvicorn_config
@@ -151,7 +151,7 @@ def run_server(model: str | None = None, host: str | None = None, port: int | No
     settings = Settings.from_env(model=model, host=host, port=port)
     path = resolve(settings.model)
     if not Path(path).is_dir():
-        raise ValueError(f"checkpoint directory not found: {path}")
+        raise CheckpointError(f"checkpoint directory not found: {path}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return_large_buffers_to_the_system()
     uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()

@@ -19,10 +19,12 @@ from pydantic import (
 from slm.generation import (
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
+    MIN_P_RANGE,
     PENALTY_RANGE,
     REPETITION_PENALTY_RANGE,
     TEMPERATURE_MAX,
     TEMPERATURE_RULE,
+    SamplingParams,
     temperature_ok,
 )
 from slm.instruct import FEATURES, MAX_WORD_CHARS, MAX_WORDS, WORD_RE, StoryRequest, make_request
@@ -62,11 +64,13 @@ TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 class RepetitionControls(BaseModel):
     """Penalties against repeating, and min-p (same meaning as in slm.generation.SamplingParams)."""
 
-    frequency_penalty: float = Field(0.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1], allow_inf_nan=False)
-    presence_penalty: float = Field(0.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1], allow_inf_nan=False)
-    repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
-                                      allow_inf_nan=False)
-    min_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(SamplingParams.frequency_penalty, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1],
+                                     allow_inf_nan=False)
+    presence_penalty: float = Field(SamplingParams.presence_penalty, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1],
+                                    allow_inf_nan=False)
+    repetition_penalty: float = Field(SamplingParams.repetition_penalty, ge=REPETITION_PENALTY_RANGE[0],
+                                      le=REPETITION_PENALTY_RANGE[1], allow_inf_nan=False)
+    min_p: float | None = Field(SamplingParams.min_p, ge=MIN_P_RANGE[0], le=MIN_P_RANGE[1], allow_inf_nan=False)
 
     def controls(self) -> dict:
         return {k: getattr(self, k) for k in RepetitionControls.model_fields}
@@ -89,8 +93,9 @@ class PredictRequest(RepetitionControls, StoryFields):
     model_config = ConfigDict(extra="forbid")
     input_text: TextPrompt = Field(description="the prompt")
     model_type: ModelType = "cached"
-    max_new_tokens: int = Field(50, ge=1)
-    temperature: Temperature = 0.8
+    # The upper bound of max_new_tokens is the server's setting (SLM_MAX_NEW_TOKENS), checked per request.
+    max_new_tokens: int = Field(SamplingParams.max_new_tokens, ge=1)
+    temperature: Temperature = SamplingParams.temperature
     top_k: int | None = Field(None, ge=0)
     top_p: TopP | None = None
     seed: Seed | None = None
@@ -147,7 +152,9 @@ class CompletionRequest(RepetitionControls, StoryFields):
     model: str | None = None
     # OpenAI's four forms: a string, strings, token ids, lists of token ids (read by `prompts()`).
     prompt: PromptField
-    max_tokens: int = Field(16, ge=0)  # 0: no generation (with echo: score the prompt)
+    # OpenAI's defaults (16 tokens, temperature 1, top_p 1), not SamplingParams': clients written for OpenAI
+    # expect them. max_tokens 0: no generation (with echo: score the prompt).
+    max_tokens: int = Field(16, ge=0)
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     top_k: int | None = Field(None, ge=0)

@@ -6,6 +6,8 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from slm.config import ConfigError
+
 
 @dataclass
 class Settings:
@@ -39,6 +41,6 @@ class Settings:
                 try:
                     values[f.name] = type(f.default)(raw)
                 except ValueError as e:
-                    raise ValueError(f"SLM_{f.name.upper()}={raw!r}: expected {type(f.default).__name__}") from e
+                    raise ConfigError(f"SLM_{f.name.upper()}={raw!r}: expected {type(f.default).__name__}") from e
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
