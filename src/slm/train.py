@@ -201,12 +201,13 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """The schedule, as a multiple of each optimizer's peak rate (AdamW's lr, Muon's muon_lr): linear warmup,
+    then cosine decay to min_lr_ratio at max_steps."""
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return (step + 1) / cfg.warmup_steps
+    done = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optimizers:
@@ -300,7 +301,7 @@ def check_settings(cfg: TrainConfig) -> None:
 
 
 @dataclass
-class Progress:
+class RunState:
     """What a resumed run continues from (saved in last/train_state.json)."""
 
     step: int = 0
@@ -310,47 +311,52 @@ class Progress:
 
 
 class Trainer:
-    """One training run: built in small steps, then :meth:`run` loops over :meth:`train_step`."""
+    """One training run: built in small steps, then :meth:`run` loops over :meth:`train_step`.
+
+    ``settings`` is the TrainConfig, ``shape`` the ModelConfig. One class of ~250 lines because every method
+    reads the same state (model, optimizer, sampler, run state); each method does one job."""
 
     def __init__(self, data_dir, out: Path, cfg: TrainConfig, model_overrides: dict, resume: bool,
                  progress: bool, device: torch.device, rank: int, world: int) -> None:
         check_settings(cfg)
-        self.data_dir, self.out, self.cfg, self.device, self.rank, self.world = data_dir, out, cfg, device, rank, world
-        self.master, self.progress = rank == 0, progress
+        self.data_dir, self.out, self.settings = data_dir, out, cfg
+        self.device, self.rank, self.world = device, rank, world
+        self.master, self.show_progress = rank == 0, progress
+        self.started = time.time()  # reset when run() starts: elapsed() and the time limit count from there
         self.start = load_starting_point(cfg.init_from) if cfg.init_from else None
         self.load_data(model_overrides)
         torch.manual_seed(cfg.seed)
-        self.model = GPT(self.config)
+        self.model = GPT(self.shape)
         if self.start is not None:
             self.model.load_state_dict(self.start.weights)
         self.model.to(device)
         self.optimizer = make_optimizer(self.model, cfg, device)
-        self.state = Progress()
+        self.state = RunState()
         self.restore(resume)
         self.wrapped = self.wrap(self.model)
         self.metrics_path = out / "metrics.jsonl"
-        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * world * self.config.context_length
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * world * self.shape.context_length
         self.stop_signal: int | None = None
 
     # ---- set up ---------------------------------------------------------------------------------------
     def load_data(self, model_overrides: dict) -> None:
-        cfg = self.cfg
+        cfg = self.settings
         self.meta = load_meta(self.data_dir)
         self.tokenizer = Tokenizer.load(Path(self.data_dir) / "tokenizer.json")
         if self.start is not None:
             check_same_tokenizer(self.start, self.data_dir, self.tokenizer)
-            self.config = fine_tune_shape(self.start, model_overrides)
+            self.shape = fine_tune_shape(self.start, model_overrides)
         else:
             values = {**get_preset(cfg.preset).config.to_dict(), **model_overrides,
                       "vocab_size": self.tokenizer.vocab_size}
-            self.config = ModelConfig.from_dict(values)
+            self.shape = ModelConfig.from_dict(values)
         self.amp = autocast_dtype(cfg.dtype, self.device)
         train_tokens = open_tokens(self.data_dir, "train", self.meta)
         mask = open_mask(self.data_dir, "train") if cfg.loss_on == "story" else None
-        self.sampler = BatchSampler(train_tokens, self.config.context_length, cfg.seed, mixture(self.meta, cfg.mix),
+        self.sampler = BatchSampler(train_tokens, self.shape.context_length, cfg.seed, mixture(self.meta, cfg.mix),
                                     mask)
         val_tokens = open_tokens(self.data_dir, "val", self.meta)
-        self.val_set = eval_windows(val_tokens, self.config.context_length, cfg.eval_windows)
+        self.val_set = eval_windows(val_tokens, self.shape.context_length, cfg.eval_windows)
         self.bytes_per_token = self.meta["val"]["bytes_per_token"] or self.meta["train"]["bytes_per_token"]
         if cfg.loss_on == "story" and mask is None:
             raise TrainError(f"--loss-on story: {self.data_dir} has no instruct documents (train.mask); prepare "
@@ -370,8 +376,8 @@ class Trainer:
         if last is None:
             raise TrainError(f"--resume: no resumable run in {self.out} (no last/ with train_state.json)")
         saved = ModelConfig.from_dict(checkpoint.read_config(last)["model"]).to_dict()
-        if saved != self.config.to_dict():
-            diff = {k: (saved.get(k), v) for k, v in self.config.to_dict().items() if saved.get(k) != v}
+        if saved != self.shape.to_dict():
+            diff = {k: (saved.get(k), v) for k, v in self.shape.to_dict().items() if saved.get(k) != v}
             raise TrainError(f"--resume: the run in {self.out} has a different model shape {diff} (saved, now); "
                              "use the same preset and overrides, or a new --out")
         optimizers = checkpoint.saved_optimizers(last)
@@ -381,14 +387,14 @@ class Trainer:
         self.model.load_state_dict(load_file(str(last / "model.safetensors")))
         saved_state = checkpoint.load_train_state(last, self.optimizer.named, self.device)
         self.sampler.set_state(saved_state["sampler"])
-        self.state = Progress(saved_state["step"], saved_state["tokens_seen"], saved_state["elapsed"],
+        self.state = RunState(saved_state["step"], saved_state["tokens_seen"], saved_state["elapsed"],
                               saved_state["best"])
         if self.master:
             print(f"resuming {self.out} at step {self.state.step} ({self.state.tokens_seen:,} tokens seen)")
 
     def wrap(self, model: GPT) -> torch.nn.Module:
         """torch.compile and DDP wrappers around the model (the raw model is what gets saved)."""
-        if self.cfg.compile:
+        if self.settings.compile:
             model = torch.compile(model)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -398,8 +404,8 @@ class Trainer:
     # ---- one step -------------------------------------------------------------------------------------
     def train_step(self) -> float:
         """One optimizer step over the global batch (this rank's slice, in micro-batches); returns the loss."""
-        cfg = self.cfg
-        self.optimizer.set_lr_scale(lr_at(self.state.step, cfg) / cfg.lr)
+        cfg = self.settings
+        self.optimizer.set_lr_scale(lr_multiplier(self.state.step, cfg))
         offsets = self.sampler.draw(cfg.batch_size * cfg.grad_accum * self.world)
         step_loss = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
@@ -431,7 +437,7 @@ class Trainer:
         return self.state.elapsed_before + time.time() - self.started
 
     def summary(self, val_loss: float | None) -> dict:
-        meta, cfg, best = self.meta, self.cfg, self.state.best
+        meta, cfg, best = self.meta, self.settings, self.state.best
         return {
             "data": {"dir": str(self.data_dir), "inputs": meta.get("inputs", []),
                      "train_tokens": meta["train"]["tokens"], "val_tokens": meta["val"]["tokens"],
@@ -463,26 +469,32 @@ class Trainer:
             checkpoint.save_train_state(tmp, self.optimizer.named, train_state)))
 
     def evaluate(self) -> float | None:
-        """Validation loss on the fixed windows (rank 0); a new best is saved to best/."""
+        """Validation loss on the fixed windows (rank 0): recorded, shown, a new best saved to best/, re-plotted."""
         if not self.master or len(self.val_set) == 0:
             return None
-        s, best = self.state, self.state.best
-        val_loss = evaluate_windows(self.model, self.val_set, self.cfg.batch_size, self.device, self.amp)
+        val_loss = evaluate_windows(self.model, self.val_set, self.settings.batch_size, self.device, self.amp)
         bpb = val_loss / math.log(2) / self.bytes_per_token
-        self.record({"kind": "eval", "step": s.step, "tokens": s.tokens_seen, "val_loss": val_loss, "val_bpb": bpb,
-                     "elapsed": round(self.elapsed(), 1)})
-        if self.progress:
-            better = " (best so far)" if val_loss < best["val_loss"] else ""
-            tqdm.write(f"step {s.step}: val loss {val_loss:.4f}, {bpb:.3f} bits/byte{better}")
-        if val_loss < best["val_loss"]:
-            best.update(val_loss=val_loss, val_bpb=bpb, step=s.step)
-            checkpoint.save_run_checkpoint(self.out / "best", lambda tmp: checkpoint.save(
-                self.model, self.tokenizer, tmp, training=self.summary(val_loss), template=self.template))
+        improved = val_loss < self.state.best["val_loss"]
+        self.record_eval(val_loss, bpb, improved)
+        if improved:
+            self.save_best(val_loss, bpb)
         plot_losses(self.metrics_path, self.out / "loss.png", self.title())
         return val_loss
 
+    def record_eval(self, val_loss: float, bpb: float, improved: bool) -> None:
+        s = self.state
+        self.record({"kind": "eval", "step": s.step, "tokens": s.tokens_seen, "val_loss": val_loss, "val_bpb": bpb,
+                     "elapsed": round(self.elapsed(), 1)})
+        if self.show_progress:
+            tqdm.write(f"step {s.step}: val loss {val_loss:.4f}, {bpb:.3f} bits/byte{' (best so far)' * improved}")
+
+    def save_best(self, val_loss: float, bpb: float) -> None:
+        self.state.best.update(val_loss=val_loss, val_bpb=bpb, step=self.state.step)
+        checkpoint.save_run_checkpoint(self.out / "best", lambda tmp: checkpoint.save(
+            self.model, self.tokenizer, tmp, training=self.summary(val_loss), template=self.template))
+
     def title(self) -> str:
-        what = f"fine-tuned from {self.start.name}" if self.start else self.cfg.preset
+        what = f"fine-tuned from {self.start.name}" if self.start else self.settings.preset
         return f"{what}, {self.model.num_parameters() / 1e6:.1f}M parameters"
 
     def log_window(self, losses: list[float], seconds: float, lr: float, bar: tqdm, lines: bool) -> None:
@@ -493,19 +505,20 @@ class Trainer:
         shown = {"loss": f"{entry['loss']:.3f}", "tok/s": f"{tps:,.0f}", "lr": f"{lr:.1e}"}
         peak = peak_flops(self.device)
         if peak:
-            entry["mfu"] = tps * flops_per_token(self.config, self.model.num_parameters()) / (peak * self.world)
+            entry["mfu"] = tps * flops_per_token(self.shape, self.model.num_parameters()) / (peak * self.world)
             shown["mfu"] = f"{entry['mfu']:.1%}"
         if not self.master:
             return
         self.record(entry)
         bar.set_postfix(shown)
         if lines:
-            print(f"step {self.state.step}/{self.cfg.max_steps} | " + " | ".join(f"{k} {v}" for k, v in shown.items())
-                  + f" | {format_duration(entry['elapsed'])}", flush=True)
+            fields = " | ".join(f"{k} {v}" for k, v in shown.items())
+            print(f"step {self.state.step}/{self.settings.max_steps} | {fields} | {format_duration(entry['elapsed'])}",
+                  flush=True)
 
     def should_stop(self) -> tuple[bool, bool]:
         """(stop now, because of the time limit): a signal or --max-minutes on any rank stops every rank."""
-        over_time = self.cfg.max_minutes > 0 and (time.time() - self.started) / 60 >= self.cfg.max_minutes
+        over_time = self.settings.max_minutes > 0 and (time.time() - self.started) / 60 >= self.settings.max_minutes
         flag = torch.tensor([self.stop_signal is not None or over_time], dtype=torch.float32, device=self.device)
         if self.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -513,7 +526,7 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg, out = self.cfg, self.out
+        cfg, out = self.settings, self.out
         if self.master:
             out.mkdir(parents=True, exist_ok=True)
             print(f"model {self.model.num_parameters():,} parameters | {self.world} process(es) on {self.device} | "
@@ -525,14 +538,14 @@ class Trainer:
         old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.started = time.time()
         # A progress bar on a terminal; in a log file (nohup, CI) its redraws are noise, so plain lines instead.
-        show_bar = self.master and self.progress and sys.stderr.isatty()
-        lines = self.master and self.progress and not show_bar
+        show_bar = self.master and self.show_progress and sys.stderr.isatty()
+        lines = self.master and self.show_progress and not show_bar
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not show_bar, unit="step", dynamic_ncols=True)
         self.wrapped.train()
         losses, window_start, last_val = [], time.time(), None
         try:
             while self.state.step < cfg.max_steps:
-                lr = lr_at(self.state.step, cfg)
+                lr = cfg.lr * lr_multiplier(self.state.step, cfg)
                 losses.append(self.train_step())
                 bar.update()
                 step = self.state.step
