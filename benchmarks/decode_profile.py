@@ -24,7 +24,7 @@ MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::matmul", "aten::linear", "aten::
 
 
 def run(model, prompt: list[int], n: int, native: bool, weights: str = "fp32") -> tuple[float, list[int]]:
-    engine = Engine(model, None, max_batch=1, native=native, decode_weights=weights)
+    engine = Engine(model, None, max_batch=1, decode_step="native" if native else "torch", decode_weights=weights)
     seq = engine.add(prompt, SamplingParams(max_new_tokens=n, temperature=0, stop_at_eot=False))
     engine.step()  # the prefill and first token: not part of the per-token figure
     start = time.perf_counter()

@@ -23,7 +23,7 @@ import torch
 from slm import native
 from slm.config import ConfigError, get_preset
 from slm.files import atomic_write, atomic_write_json
-from slm.generation import Engine, SamplingParams
+from slm.generation import DecodeStep, Engine, SamplingParams
 from slm.kv_cache import KVCache
 from slm.model import GPT
 from slm.tokenizer import Tokenizer
@@ -42,9 +42,10 @@ LABELS = {  # column -> what it measures (the plot's legend)
 }
 
 
-def decode(model: GPT, prompt: list[int], n: int, use_cache: bool, native: bool | None = None,
+def decode(model: GPT, prompt: list[int], n: int, use_cache: bool, decode_step: DecodeStep = "auto",
            decode_weights: str = "fp32") -> tuple[float, list[int]]:
-    engine = Engine(model, None, max_batch=1, use_cache=use_cache, native=native, decode_weights=decode_weights)
+    engine = Engine(model, None, max_batch=1, use_cache=use_cache, decode_step=decode_step,
+                    decode_weights=decode_weights)
     seq = engine.add(prompt, SamplingParams(max_new_tokens=n, temperature=0, stop_at_eot=False))
     start = time.perf_counter()
     while not seq.finished:
@@ -80,7 +81,7 @@ def contenders(net: GPT, dtype: str, prompt: list[int], hf: bool) -> dict:
     fast = net if dtype == "fp32" else copy.deepcopy(net).to(DTYPES[dtype])
     impls = {"cached": lambda n: decode(fast, prompt, n, True)}
     if native.available(fast):  # the default cached step is native: time PyTorch's beside it
-        impls["torch_cached"] = lambda n: decode(fast, prompt, n, True, native=False)
+        impls["torch_cached"] = lambda n: decode(fast, prompt, n, True, decode_step="torch")
         impls["native_fp16"] = lambda n: decode(fast, prompt, n, True, decode_weights="fp16")
     impls["uncached"] = lambda n: decode(fast, prompt, n, False)
     if hf:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -22,6 +23,8 @@ from slm.native import decoder_for as native_decoder
 from slm.tokenizer import StreamDecoder, Tokenizer
 
 MAX_NEW_TOKENS_LIMIT = 100_000
+DECODE_STEPS = ("auto", "native", "torch")
+DecodeStep = Literal["auto", "native", "torch"]
 # Bounds of the sampling settings, used by SamplingParams and by the server's request schema. Each is
 # representable in float32 and keeps every logit finite, so no setting inside them can break sampling.
 TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-4, 5.0  # or exactly 0 (greedy): a smaller one would round to 0 in float32
@@ -152,7 +155,7 @@ class SequenceState:
     error: BaseException | None = None  # why sampling failed for this sequence (finish_reason "error")
     needs_prefill: bool = True
     generator: torch.Generator | None = None
-    decoder: StreamDecoder | None = None
+    text_decoder: StreamDecoder | None = None  # token ids to text (not to be confused with the decode step)
     counts: torch.Tensor | None = None  # [vocab] generated-token counts, kept only when penalties are on
     seen: torch.Tensor | None = None  # [vocab] tokens in the prompt or generated, likewise
 
@@ -179,13 +182,14 @@ class Engine:
     prefilled in one forward pass, and the last token goes through the shared decode step.
 
     The decode step runs natively (slm/native.py: one C call per step) when the model is fp32 on the CPU and a
-    C compiler is available, unless ``native=False``; otherwise, and for prefills, it is ``GPT.forward``.
+    C compiler is available (``decode_step="auto"``), always (``"native"``: an error where it cannot) or never
+    (``"torch"``); otherwise, and for prefills, it is ``GPT.forward``.
     ``decode_weights="fp16"``: the native step reads fp16 copies of the matrices (faster, not bit-exact).
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, max_batch: int = 16,
-                 use_cache: bool = True, shift: int | None = None, native: bool | None = None,
-                 decode_weights: str = "fp32") -> None:
+                 use_cache: bool = True, shift: int | None = None, decode_step: DecodeStep = "auto",
+                 decode_weights: str = "fp32", eot_id: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.context = model.config.context_length
@@ -195,14 +199,18 @@ class Engine:
         self.use_cache = use_cache
         self.max_batch = max_batch
         self.cache = KVCache.for_model(model, max_batch) if use_cache else None
-        if decode_weights != "fp32" and not (use_cache and native is not False):
+        if decode_step not in DECODE_STEPS:
+            raise GenerationError(f"decode_step must be one of {', '.join(DECODE_STEPS)}, got {decode_step!r}")
+        wants_native = use_cache and decode_step != "torch"
+        if decode_weights != "fp32" and not wants_native:
             raise GenerationError(f"decode weights {decode_weights!r} need the native decode step and the KV cache")
-        self.native = native_decoder(model, decode_weights) if use_cache and native is not False else None
-        if (native or decode_weights != "fp32") and self.native is None:
+        self.native = native_decoder(model, decode_weights) if wants_native else None  # the C step, or None
+        if (decode_step == "native" or decode_weights != "fp32") and self.native is None:
             raise GenerationError("the native decode step is unavailable: it needs an fp32 model on the CPU and a "
                                   "C compiler (and SLM_NATIVE not set to 0)")
         self.active: list[SequenceState] = []
-        self.eot_id = tokenizer.eot_id if tokenizer is not None else None
+        # The end-of-text id ends a sequence (unless its params say not): the tokenizer's, or the one given.
+        self.eot_id = eot_id if eot_id is not None else tokenizer.eot_id if tokenizer is not None else None
 
     @property
     def free_slots(self) -> int:
@@ -225,7 +233,7 @@ class Engine:
             window=window,
             prompt_truncated=len(prompt) - len(window),
             generator=None if params.temperature == 0 else torch.Generator().manual_seed(seed),
-            decoder=self.tokenizer.stream_decoder() if self.tokenizer is not None else None,
+            text_decoder=self.tokenizer.stream_decoder() if self.tokenizer is not None else None,
         )
         if params.penalised:
             seq.counts = torch.zeros(vocab)
@@ -332,8 +340,8 @@ class Engine:
             seq.finished, seq.finish_reason = True, "eot"
         else:
             seq.generated.append(token)
-            if seq.decoder is not None:
-                seq.text += seq.decoder.push(token)
+            if seq.text_decoder is not None:
+                seq.text += seq.text_decoder.push(token)
                 if params.stop:
                     hits = [i for i in (seq.text.find(s, max(0, seq.emitted - len(s))) for s in params.stop)
                             if i >= 0]
@@ -343,8 +351,8 @@ class Engine:
             if not seq.finished and len(seq.generated) >= params.max_new_tokens:
                 seq.finished, seq.finish_reason = True, "length"
         if seq.finished:
-            if seq.decoder is not None and seq.finish_reason != "stop":
-                seq.text += seq.decoder.flush()
+            if seq.text_decoder is not None and seq.finish_reason != "stop":
+                seq.text += seq.text_decoder.flush()
             return
         if len(seq.window) < self.context:
             seq.window.append(token)
@@ -403,9 +411,7 @@ def generate(
     prompts = _as_lists(tokens)
     if not prompts:
         raise GenerationError("no prompts given")
-    engine = Engine(model, tokenizer, max_batch=len(prompts), use_cache=use_cache)
-    if eot_id is not None:
-        engine.eot_id = eot_id
+    engine = Engine(model, tokenizer, max_batch=len(prompts), use_cache=use_cache, eot_id=eot_id)
     seqs = []
     for i, p in enumerate(prompts):
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

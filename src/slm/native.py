@@ -122,16 +122,21 @@ class NativeDecoder:
         layers = []
         for block in model.h:
             a, m = block.attn, block.mlp
-            vectors = map(_ptr, (block.ln_1.weight, getattr(block.ln_1, "bias", None), a.c_attn.bias, a.c_proj.bias,
-                                 block.ln_2.weight, getattr(block.ln_2, "bias", None), m.c_fc.bias, m.c_proj.bias))
-            matrices = map(self._matrix, (a.c_attn.weight, a.c_proj.weight, m.c_fc.weight, m.c_proj.weight))
-            layers.append(Layer(*vectors, *matrices))
+            layers.append(Layer(
+                ln1_w=_ptr(block.ln_1.weight), ln1_b=_ptr(getattr(block.ln_1, "bias", None)),
+                attn_b=_ptr(a.c_attn.bias), proj_b=_ptr(a.c_proj.bias),
+                ln2_w=_ptr(block.ln_2.weight), ln2_b=_ptr(getattr(block.ln_2, "bias", None)),
+                fc_b=_ptr(m.c_fc.bias), out_b=_ptr(m.c_proj.bias),
+                attn=self._matrix(a.c_attn.weight), proj=self._matrix(a.c_proj.weight),
+                fc=self._matrix(m.c_fc.weight), out=self._matrix(m.c_proj.weight)))
         self.layers = (Layer * len(layers))(*layers)
-        self.struct = Model(int(llama), c.n_layer, c.d_model, c.n_head, c.kv_heads, c.head_dim, c.hidden,
-                            c.vocab_size, c.layer_norm_eps, _ptr(model.wte.weight),
-                            None if llama else _ptr(model.wpe.weight), _ptr(model.ln_f.weight),
-                            _ptr(getattr(model.ln_f, "bias", None)), _ptr(model.rope_cos) if llama else None,
-                            _ptr(model.rope_sin) if llama else None, self._matrix(model.wte.weight), self.layers)
+        self.struct = Model(
+            llama=int(llama), n_layer=c.n_layer, d_model=c.d_model, n_head=c.n_head, n_kv_head=c.kv_heads,
+            head_dim=c.head_dim, hidden=c.hidden, vocab=c.vocab_size, eps=c.layer_norm_eps,
+            wte=_ptr(model.wte.weight), wpe=None if llama else _ptr(model.wpe.weight),
+            lnf_w=_ptr(model.ln_f.weight), lnf_b=_ptr(getattr(model.ln_f, "bias", None)),
+            rope_cos=_ptr(model.rope_cos) if llama else None, rope_sin=_ptr(model.rope_sin) if llama else None,
+            head=self._matrix(model.wte.weight), layers=self.layers)
 
     def _matrix(self, w: torch.Tensor) -> Matrix:
         if self.weights == "fp32":

@@ -182,7 +182,10 @@ int slm_decode_step(const Model *m, const Cache *c, const int64_t *tokens, const
     float *x = malloc(sizeof(float) * bd), *h = malloc(sizeof(float) * bd), *att = malloc(sizeof(float) * bd);
     float *qkv = malloc(sizeof(float) * batch * width), *ff = malloc(sizeof(float) * batch * 2 * m->hidden);
     float *scores = malloc(sizeof(float) * batch * m->n_head * c->max_len);
-    if (!x || !h || !att || !qkv || !ff || !scores) return 1;
+    if (!x || !h || !att || !qkv || !ff || !scores) {  /* free(NULL) is a no-op: release what did succeed */
+        free(x), free(h), free(att), free(qkv), free(ff), free(scores);
+        return 1;
+    }
     for (int b = 0; b < batch; b++) {
         memcpy(x + b * d, m->wte + tokens[b] * d, sizeof(float) * d);
         if (!m->llama) add(x + b * d, m->wpe + pos[b] * d, d);
