@@ -1,5 +1,6 @@
-"""Helpers the test modules share: a free port, the real `slm serve` in a subprocess, and the same app served
-by uvicorn in this process (so a test can reach into the engine: slow it down or make it fail)."""
+"""Helpers the test modules share: a free port, the real `slm serve` in a subprocess, the same app served
+by uvicorn in this process (so a test can reach into the engine: slow it down or make it fail), and the
+small training settings the training and optimizer tests use."""
 
 from __future__ import annotations
 
@@ -96,3 +97,12 @@ def fail_sampling_for_seed(monkeypatch, seed: int = 666) -> None:
         return real(logits, params, generator)
 
     monkeypatch.setattr(generation, "sample", sample)
+
+
+def quick_cfg(**kw):
+    """A TrainConfig for the tiny preset that trains in a second or two; ``kw`` overrides."""
+    from slm.train import TrainConfig
+
+    base = dict(preset="tiny", batch_size=8, max_steps=20, lr=2e-3, warmup_steps=5, eval_interval=10,
+                eval_windows=8, log_interval=1, seed=1, device="cpu", dtype="fp32")
+    return TrainConfig(**{**base, **kw})
