@@ -435,23 +435,28 @@ def prepare(
         writer.discard()
     tok.save(out / "tokenizer.json")
     writer.commit()
-    meta = {
+    meta = prepared_meta(corpus, tok, writer, round(time.time() - started, 1))
+    atomic_write_json(out / "meta.json", meta)
+    return meta
+
+
+def prepared_meta(corpus: Corpus, tok: Tokenizer, writer: TokenWriter, seconds: float) -> dict:
+    """meta.json: what was prepared from what, and how (training and `slm train --mix` read it)."""
+    return {
         "inputs": corpus.names,
         "sources": source_ranges(corpus.names, writer.source_tokens),
         "tokenizer": tok.kind,
         "vocab_size": tok.vocab_size,
         "eot_id": tok.eot_id,
         "dtype": writer.dtype.name,
-        "val_fraction": val_fraction,
-        "split": corpus.mode if val_fraction else "none",
-        "seed": seed,
+        "val_fraction": corpus.val_fraction,
+        "split": corpus.mode if corpus.val_fraction else "none",
+        "seed": corpus.seed,
         "instruct": {"template": TEMPLATE, "inputs": corpus.names[-len(corpus.instruct):]} if corpus.instruct
         else None,
-        "seconds": round(time.time() - started, 1),
+        "seconds": seconds,
         **{name: s.to_dict() for name, s in writer.stats.items()},
     }
-    atomic_write_json(out / "meta.json", meta)
-    return meta
 
 
 def tokenizer_path(name: str) -> Path:

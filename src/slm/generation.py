@@ -185,6 +185,9 @@ class Engine:
     C compiler is available (``decode_step="auto"``), always (``"native"``: an error where it cannot) or never
     (``"torch"``); otherwise, and for prefills, it is ``GPT.forward``.
     ``decode_weights="fp16"``: the native step reads fp16 copies of the matrices (faster, not bit-exact).
+
+    One class of ~190 lines: the cache rows, the active sequences and the window schedule change together at
+    every step, so the methods that keep them consistent live with them.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, max_batch: int = 16,

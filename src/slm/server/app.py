@@ -26,6 +26,7 @@ from slm.server.engine import ServingEngine
 from slm.server.guard import Guard
 from slm.server.metrics import Metrics
 from slm.server.routes import FieldProblem, Served, router
+from slm.server.schemas import SERVED
 from slm.server.settings import Settings
 
 log = logging.getLogger("slm.server")
@@ -37,11 +38,12 @@ def build_engine(settings: Settings, metrics: Metrics) -> tuple[ServingEngine, d
     model, tokenizer = load(settings.model)
     torch.manual_seed(0)
     untrained = GPT(model.config).eval()  # same shape, random initialisation
-    engine = ServingEngine({"cached": (model, True), "basic": (model, False), "untrained": (untrained, True)},
-                           tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue, metrics=metrics)
+    variants = {SERVED: (model, True), "basic": (model, False), "untrained": (untrained, True)}  # schemas.ModelType
+    engine = ServingEngine(variants, tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
+                           metrics=metrics, scorer=SERVED)
     info = {"name": resolve(settings.model).name, "parameters": model.num_parameters(),
             "config": model.config.to_dict(), "tokenizer": tokenizer.kind, "template": template(settings.model),
-            "native_decode": engine.engines["cached"].native is not None}  # no filesystem path: GET / is open
+            "native_decode": engine.engines[SERVED].native is not None}  # no filesystem path: GET / is open
     return engine, info
 
 

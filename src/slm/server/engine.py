@@ -121,15 +121,17 @@ def engine_fault(request_id: str) -> Failure:
 class ServingEngine:
     """Owns the models (one copy each) and the worker thread that decodes for every request.
 
-    ``variants``: name -> (model, use the KV cache); ``scorer`` names the variant that scores texts.
+    ``variants``: name -> (model, use the KV cache); ``scorer`` names the variant that scores texts (default:
+    the first). One class of ~230 lines because the worker thread owns all of this state (the queue, the
+    batches, the scoring jobs, its own restarts) and nothing else may touch it; each method is one step.
     """
 
     def __init__(self, variants: dict[str, tuple[GPT, bool]], tokenizer: Tokenizer, max_batch: int = 16,
-                 max_queue: int = 64, metrics=None, scorer: str = "cached") -> None:
+                 max_queue: int = 64, metrics=None, scorer: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.engines = {name: Engine(model, tokenizer, max_batch=max_batch, use_cache=use_cache)
                         for name, (model, use_cache) in variants.items()}
-        self.scorer = self.engines[scorer].model
+        self.scorer = self.engines[scorer or next(iter(variants))].model
         self.max_queue = max_queue
         self.metrics = metrics
         self._waiting: collections.deque[GenerationRequest] = collections.deque()

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import get_args
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -25,9 +26,11 @@ from slm.server.engine import EngineFailure, Failure, GenerationRequest, QueueFu
 from slm.server.guard import RETRY_AFTER_SECONDS
 from slm.server.metrics import Metrics
 from slm.server.schemas import (
+    SERVED,
     CompletionRequest,
     DetokenizeRequest,
     ErrorResponse,
+    ModelType,
     PredictRequest,
     PredictResponse,
     StoryFields,
@@ -225,7 +228,7 @@ def timing(started: float, n: int) -> dict:
 @router.get("/")
 async def root(s: Served = Depends(served)):
     return {"name": "slm", "version": slm.__version__, "device": "cpu", "model": s.info,
-            "model_types": ["untrained", "basic", "cached"], "docs": "/docs"}
+            "model_types": list(get_args(ModelType)), "docs": "/docs"}
 
 
 @router.get("/health")
@@ -332,7 +335,7 @@ async def complete_one(s: Served, index: int, prompt: str | list[int], ids: list
                        head: str = "") -> tuple[dict, int, int]:
     """One prompt's choice, with its prompt and completion token counts; with a story request's header,
     the choice shows the whole prompt the model was given."""
-    seq = await run_to_end(s, submit(s, "cached", ids, params, until), http) if params else None
+    seq = await run_to_end(s, submit(s, SERVED, ids, params, until), http) if params else None
     generated = seq.generated if seq else []
     text = seq.text if seq else ""
     logprobs = None
@@ -376,7 +379,7 @@ async def completions(body: CompletionRequest, http: Request, s: Served = Depend
                                      for i, p in enumerate(prompts)))
     completion = Completion(s, sum(r[1] for r in results), started)
     n = sum(r[2] for r in results)
-    s.metrics.generated("cached", "/v1/completions", n, time.perf_counter() - started)
+    s.metrics.generated(SERVED, "/v1/completions", n, time.perf_counter() - started)
     return completion.response([r[0] for r in results], n)
 
 
@@ -388,7 +391,7 @@ def stream_error(failure: Failure) -> str:
 def stream_completion(s: Served, body: CompletionRequest, prompt: str | list[int], ids: list[int],
                       params: SamplingParams | None, until: float, http: Request, head: str = "") -> StreamingResponse:
     completion = Completion(s, len(ids))
-    req = submit(s, "cached", ids, params, until, stream=True) if params else None
+    req = submit(s, SERVED, ids, params, until, stream=True) if params else None
 
     async def sse() -> AsyncIterator[str]:
         if head:  # the whole prompt the model continues, first, as a non-streamed choice carries it
@@ -411,7 +414,7 @@ def stream_completion(s: Served, body: CompletionRequest, prompt: str | list[int
                     break
                 elif kind == "done" and payload is not None:
                     n = len(payload.generated)
-                    s.metrics.generated("cached", "/v1/completions", n, time.perf_counter() - completion.started)
+                    s.metrics.generated(SERVED, "/v1/completions", n, time.perf_counter() - completion.started)
                     yield f"data: {json.dumps(completion.response([choice(0, '', finish_reason(payload))], n))}\n\n"
         yield "data: [DONE]\n\n"
 

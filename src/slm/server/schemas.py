@@ -29,7 +29,10 @@ from slm.generation import (
 )
 from slm.instruct import FEATURES, MAX_WORD_CHARS, MAX_WORDS, WORD_RE, StoryRequest, make_request
 
+# The model variants the server runs (server/app.py builds them): the trained model with its KV cache (what
+# /v1/completions serves), the same model recomputing every token, and a random model of its shape.
 ModelType = Literal["untrained", "basic", "cached"]
+SERVED: ModelType = "cached"
 Word = Annotated[str, Field(min_length=1, max_length=MAX_WORD_CHARS, pattern=f"^{WORD_RE.pattern}$",
                             description="one word: letters, with an apostrophe or hyphen inside")]
 Feature = Literal[tuple(FEATURES)]
