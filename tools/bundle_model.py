@@ -1,0 +1,100 @@
+"""Bundle a trained checkpoint as models/NAME: fp16 weights, tokenizer, config (the run's training summary
+kept), the metrics of every leg that made it, counted on from the earlier legs, and their loss plot.
+
+    python tools/bundle_model.py runs/v2/run/best --run runs/v2/run --name slm-7m-stories \
+        --earlier models/slm-7m-stories/metrics.jsonl --note "..."
+
+``--earlier``: the metrics of the model the run started from (--init-from), up to the step it was taken at;
+the run's own points follow with steps, tokens and elapsed seconds added to that model's. Every point carries
+its ``leg`` (1 = earliest). The card (README.md) is written by hand; an existing one is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from slm import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def joined_metrics(earlier: list[dict], run: list[dict], start: dict) -> list[dict]:
+    """Earlier legs up to the starting step, then this run's points counted on from the starting model."""
+    legs = max((m.get("leg", 1) for m in earlier), default=0)
+    before = [{**m, "leg": m.get("leg", 1)} for m in earlier if m["step"] <= start["steps"]]
+    elapsed = max((m["elapsed"] for m in before), default=0.0)
+    after = [{**m, "step": m["step"] + start["steps"], "tokens": m["tokens"] + start["tokens_seen"],
+              "elapsed": round(m["elapsed"] + elapsed, 1), "leg": legs + 1} for m in run]
+    return before + after
+
+
+def plot(metrics: list[dict], png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.4), dpi=110)
+    for leg in sorted({m["leg"] for m in metrics}):
+        train = [m for m in metrics if m["leg"] == leg and m["kind"] == "train"]
+        val = [m for m in metrics if m["leg"] == leg and m["kind"] == "eval"]
+        ax.plot([m["tokens"] / 1e6 for m in train], [m["loss"] for m in train], lw=0.8, alpha=0.7,
+                label=f"train, leg {leg}")
+        ax.plot([m["tokens"] / 1e6 for m in val], [m["val_loss"] for m in val], "o-", ms=2.5,
+                label=f"validation windows of leg {leg}")
+    ax.set_xlabel("tokens seen (millions)")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="the checkpoint directory to bundle (e.g. a run's best/)")
+    ap.add_argument("--run", required=True, help="its run directory (metrics.jsonl)")
+    ap.add_argument("--name", required=True, help="the directory name under models/")
+    ap.add_argument("--earlier", help="metrics.jsonl of the model the run started from")
+    ap.add_argument("--note", default="", help="a line for config.json's training.note")
+    args = ap.parse_args()
+    model, tokenizer = checkpoint.load(args.checkpoint)
+    config = checkpoint.read_config(Path(args.checkpoint))
+    training = {**config["training"], "note": args.note} if args.note else dict(config["training"])
+    start = training.get("init_from")
+    if start and Path(start["model"]).is_relative_to(ROOT):  # no machine's own paths in the repository
+        training["init_from"] = {**start, "model": str(Path(start["model"]).relative_to(ROOT))}
+    run = read_metrics(Path(args.run) / "metrics.jsonl")
+    metrics = run
+    if args.earlier:
+        start = training.get("init_from") or {}
+        if not start:
+            raise SystemExit(f"{args.checkpoint}: --earlier needs a run started with --init-from")
+        metrics = joined_metrics(read_metrics(Path(args.earlier)), run, start)
+    out = ROOT / "models" / args.name
+    tmp = out.with_name(out.name + ".new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    checkpoint.save(model, tokenizer, tmp, training=training, dtype=torch.float16, template=config.get("template"))
+    (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics), encoding="utf-8")
+    plot(metrics, tmp / "loss.png", f"{args.name}: {model.num_parameters() / 1e6:.1f}M parameters")
+    if (out / "README.md").is_file():
+        shutil.copy(out / "README.md", tmp / "README.md")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(f"{out}: {size / 1e6:.1f} MB, {len(metrics)} metric points, template {config.get('template')!r}")
+
+
+if __name__ == "__main__":
+    main()
