@@ -146,3 +146,21 @@ def test_config_file(tmp_path):
 
 
 # ---- eval -------------------------------------------------------------------------------------------------
+
+
+def test_a_run_resumes_on_another_kind_of_cpu_and_precision_follows_it(prepared, tmp_path, monkeypatch):
+    """--dtype auto is decided again on every leg: a run begun where bf16 is slow (fp32) continues in bf16 on a
+    machine where it pays, from the same saved state, and the other way round."""
+    import slm.train
+
+    run = tmp_path / "r"
+    legs = []
+    for steps, bf16_fast in [(4, False), (8, True), (12, False)]:
+        monkeypatch.setattr(slm.train, "bf16_pays", lambda fast=bf16_fast: fast)
+        result = train(prepared, run, quick_cfg(max_steps=steps, dtype="auto", eval_interval=4), resume=steps > 4,
+                       progress=False)
+        legs.append((result["steps"], result["precision"]))
+    assert legs == [(4, "fp32"), (8, "bf16"), (12, "fp32")]
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "train"]
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses)

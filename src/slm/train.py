@@ -450,6 +450,7 @@ class Trainer:
             "tokens_seen": self.state.tokens_seen,
             "wall_time_s": round(self.elapsed(), 1),
             "hardware": hardware(self.device, self.world),
+            "precision": "bf16" if self.amp else "fp32",  # this leg's: --dtype auto follows the machine it runs on
             "val_loss": val_loss,
             "best_val_loss": best["val_loss"] if best["step"] is not None else None,
             "best_val_bpb": best["val_bpb"],
