@@ -7,7 +7,6 @@ import torch
 
 from helpers import fail_sampling_for_seed
 from slm.generation import Engine, GenerationError, SamplingParams, apply_penalties, generate, sample, stream
-from slm.kv_cache import KVCache
 
 CONTEXT = 64  # the tiny preset's
 
@@ -88,16 +87,6 @@ def test_top_k_and_top_p_filtering():
     assert sample(logits, SamplingParams(temperature=0), None) == 0
 
 
-def test_kv_cache_is_written_in_place(tiny_model):
-    engine = Engine(tiny_model, max_batch=2)
-    k_ptr, v_ptr = engine.cache.k.data_ptr(), engine.cache.v.data_ptr()
-    engine.add([1, 2, 3], SamplingParams(max_new_tokens=3 * CONTEXT, temperature=0))
-    while engine.active:
-        engine.step()
-    assert (engine.cache.k.data_ptr(), engine.cache.v.data_ptr()) == (k_ptr, v_ptr)
-    c = tiny_model.config
-    assert engine.cache.k.shape == (3, 2, c.kv_heads, CONTEXT, c.head_dim)
-
 
 def test_prefill_is_one_pass_and_each_token_one_pass(tiny_model, monkeypatch):
     monkeypatch.setenv("SLM_NATIVE", "0")  # count GPT.forward's passes (the native step is one C call)
@@ -112,13 +101,6 @@ def test_prefill_is_one_pass_and_each_token_one_pass(tiny_model, monkeypatch):
     generate(tiny_model, torch.randint(0, 512, (1, 20)), max_new_tokens=10, temperature=0)
     assert calls == [19] + [1] * 10  # the prompt minus its last token, then one token per pass
 
-
-def test_kv_cache_rows_are_views():
-    cache = KVCache(n_layer=2, batch_size=4, n_head=2, max_len=8, head_dim=4)
-    view = cache.rows(1, 3)
-    view.lengths += 2
-    assert cache.lengths.tolist() == [0, 2, 2, 0]
-    assert view.k.data_ptr() == cache.k[:, 1].data_ptr()
 
 
 def test_stop_strings_and_end_of_text(trained_any):
@@ -278,46 +260,3 @@ def test_penalised_rows_batched_cached_and_alone_agree(tiny_model):
     assert generate(tiny_model, prompts, max_new_tokens=80, temperature=0, use_cache=False, **controls) == alone
     plain = [generate(tiny_model, [p], max_new_tokens=80, temperature=0)[0] for p in prompts]
     assert plain != alone  # the penalties changed what greedy decoding picks
-
-
-def test_the_native_step_computes_what_the_model_computes(tiny_model):
-    """One C call per step gives GPT.forward's logits, for rows at the same and at different positions."""
-    from slm.native import decoder_for
-
-    native = decoder_for(tiny_model)
-    assert native is not None, "the native decode step did not build (is a C compiler installed?)"
-    tokens = torch.randint(0, 512, (3, 30), generator=torch.Generator().manual_seed(0))
-    ours, theirs = KVCache.for_model(tiny_model, 3), KVCache.for_model(tiny_model, 3)
-    with torch.inference_mode():
-        full = tiny_model(tokens)
-        tiny_model(tokens[:, :10], cache=ours), tiny_model(tokens[:, :10], cache=theirs)
-        for t in range(10, 30):
-            logits = native.step(tokens[:, t : t + 1], ours)
-            torch.testing.assert_close(logits, tiny_model(tokens[:, t : t + 1], cache=theirs)[:, -1],
-                                       rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(logits, full[:, t], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ours.k, theirs.k, rtol=1e-5, atol=1e-6)  # the same keys and values cached
-        torch.testing.assert_close(ours.v, theirs.v, rtol=1e-5, atol=1e-6)
-        for cache in (ours, theirs):  # row 1 steps back 7 positions: rows now at different positions
-            cache.lengths[1] -= 7
-        torch.testing.assert_close(native.step(tokens[:, :1], ours), tiny_model(tokens[:, :1], cache=theirs)[:, -1],
-                                   rtol=1e-5, atol=1e-5)
-
-
-def test_native_fp16_weights_stay_close_and_need_the_native_step(tiny_model, monkeypatch):
-    from slm.native import decoder_for
-
-    fp32, fp16 = decoder_for(tiny_model), decoder_for(tiny_model, "fp16")
-    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
-    a, b = KVCache.for_model(tiny_model, 2), KVCache.for_model(tiny_model, 2)
-    with torch.inference_mode():
-        tiny_model(tokens[:, :4], cache=a), tiny_model(tokens[:, :4], cache=b)
-        gaps = [(fp32.step(tokens[:, t : t + 1], a) - fp16.step(tokens[:, t : t + 1], b)).abs().max()
-                for t in range(4, 20)]
-    assert 0 < max(gaps) < 1e-2  # rounded weights: close, not equal
-    with pytest.raises(ValueError, match="decode weights"):
-        decoder_for(tiny_model, "int3")
-    monkeypatch.setenv("SLM_NATIVE", "0")
-    assert Engine(tiny_model).native is None
-    with pytest.raises(GenerationError, match="native decode step"):
-        Engine(tiny_model, decode_weights="fp16")
