@@ -87,7 +87,6 @@ def test_top_k_and_top_p_filtering():
     assert sample(logits, SamplingParams(temperature=0), None) == 0
 
 
-
 def test_prefill_is_one_pass_and_each_token_one_pass(tiny_model, monkeypatch):
     monkeypatch.setenv("SLM_NATIVE", "0")  # count GPT.forward's passes (the native step is one C call)
     calls = []
@@ -100,7 +99,6 @@ def test_prefill_is_one_pass_and_each_token_one_pass(tiny_model, monkeypatch):
     monkeypatch.setattr(tiny_model, "forward", counting)
     generate(tiny_model, torch.randint(0, 512, (1, 20)), max_new_tokens=10, temperature=0)
     assert calls == [19] + [1] * 10  # the prompt minus its last token, then one token per pass
-
 
 
 def test_stop_strings_and_end_of_text(trained_any):
