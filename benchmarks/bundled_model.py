@@ -1,0 +1,110 @@
+"""Every figure of the bundled model's card, for the bundled model and candidates to replace it.
+
+    cd benchmarks && python bundled_model.py --data ../runs/v2/data --card-text ../runs/card/val-120k.txt \
+        default ../runs/v2/run/best [--json bundled-model.json]
+
+1. The card's slice: bits/byte of `--card-text` (`slm eval`'s sliding window).
+2. Per input: bits/byte of each plain input's validation documents in `--data` (first --max-tokens of each;
+   eval_sources.py). The data must hold out what the bundled model held out (same inputs, order, --val-fraction
+   0.02, --seed 0), so no model here trained on any of it.
+3. Requested words: `--requests` word triples of validation stories (tinystories-sample and fables), 200 tokens at
+   temperature 0.8 (instruct_words.py). A model with the words-v1 template gets the header; one without it the
+   plain-English request.
+4. Greedy stories: each example prompt, greedy with the playground's repetition penalty and max new tokens;
+   counted: sentences, and sentences that repeat an earlier one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from eval_sources import source_documents
+from instruct_words import inclusion, requests_from, write_stories
+
+from slm import checkpoint
+from slm.evaluate import evaluate_text
+from slm.generation import Engine, SamplingParams
+
+EXAMPLE_PROMPTS = ["Once upon a time", "The little rabbit", "A little girl went to the woods",
+                   "The king had three sons", "One day, a fox"]  # the card's sample prompts
+PLAYGROUND = {"repetition_penalty": 1.1, "max_new_tokens": 100}  # slm.ui.app's defaults
+SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’]?\s+")
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences of at least three words (a cut-off last one counts only if it ends with . ! or ?)."""
+    parts = [p.strip() for p in SENTENCE_END.split(text.strip()) if p.strip()]
+    if parts and not re.search(r"[.!?][\"'”’]?$", parts[-1]):
+        parts.pop()
+    return [p for p in parts if len(p.split()) >= 3]
+
+
+def repeated(parts: list[str]) -> int:
+    seen, count = set(), 0
+    for p in parts:
+        key = re.sub(r"\W+", " ", p.lower()).strip()
+        count += key in seen
+        seen.add(key)
+    return count
+
+
+def greedy_stories(model: str) -> list[dict]:
+    net, tokenizer = checkpoint.load(model)
+    engine = Engine(net, tokenizer, max_batch=len(EXAMPLE_PROMPTS))
+    params = SamplingParams(max_new_tokens=PLAYGROUND["max_new_tokens"], temperature=0.0,
+                            repetition_penalty=PLAYGROUND["repetition_penalty"])
+    seqs = [engine.add(tokenizer.encode(p), params) for p in EXAMPLE_PROMPTS]
+    while not all(s.finished for s in seqs):
+        engine.step()
+    rows = []
+    for prompt, seq in zip(EXAMPLE_PROMPTS, seqs, strict=True):
+        parts = sentences(prompt + seq.text)
+        rows.append({"prompt": prompt, "text": seq.text, "sentences": len(parts), "repeated": repeated(parts)})
+    return rows
+
+
+def measure(model: str, card_text: str, plain: dict[str, list[str]], requests: list[tuple[str, ...]],
+            tokens: int) -> dict:
+    net, tokenizer = checkpoint.load(model)
+    header = checkpoint.template(model) is not None
+    card = evaluate_text(net, tokenizer, [Path(card_text).read_text(encoding="utf-8")], "card")["bits_per_byte"]
+    bpb = {name: evaluate_text(net, tokenizer, docs, name)["bits_per_byte"] for name, docs in plain.items()}
+    texts = write_stories(model, requests, header, tokens)
+    return {"model": model, "prompt": "header" if header else "plain English", "card_slice": card, "bpb": bpb,
+            **inclusion(texts, requests), "greedy": greedy_stories(model),
+            "word_samples": [(list(w), t) for w, t in zip(requests[:3], texts[:3], strict=True)]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--card-text", required=True)
+    ap.add_argument("--max-tokens", type=int, default=100_000)
+    ap.add_argument("--requests", type=int, default=100)
+    ap.add_argument("--tokens", type=int, default=200)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    docs = source_documents(args.data, 10**9)
+    requests = requests_from(docs["tinystories-sample"] + docs["fables"], args.requests)
+    plain = {k: v for k, v in source_documents(args.data, args.max_tokens).items() if not k.startswith("instruct")}
+    rows = []
+    for model in args.models:
+        rows.append(measure(model, args.card_text, plain, requests, args.tokens))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("greedy", "word_samples")}), flush=True)
+    names = list(plain)
+    print(f"\n| model | card slice | {' | '.join(names)} | words used | all three | greedy: sentences (repeated) |")
+    print("|---" * (5 + len(names)) + "|")
+    for r in rows:
+        greedy = ", ".join(f"{g['sentences']} ({g['repeated']})" for g in r["greedy"])
+        print(f"| {r['model']} | {r['card_slice']:.3f} | " + " | ".join(f"{r['bpb'][n]:.3f}" for n in names)
+              + f" | {r['words_used']:.1%} | {r['all_three']:.1%} | {greedy} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
