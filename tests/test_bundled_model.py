@@ -31,6 +31,9 @@ def test_bundled_model_directory():
     meta = json.loads((path / "config.json").read_text())
     assert meta["weights_dtype"] == "float16"
     assert meta["training"]["tokens_seen"] > 0 and meta["training"]["best_val_bpb"] > 0
+    assert meta["template"] == "words-v1"  # trained on the request format: --words and "words" are accepted
+    legs = {json.loads(line)["leg"] for line in (path / "metrics.jsonl").read_text().splitlines()}
+    assert legs == {1, 2}  # every leg's points, counted on (tools/bundle_model.py)
 
 
 @pytest.mark.slow
