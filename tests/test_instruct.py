@@ -67,7 +67,8 @@ def test_used_words_counts_simple_inflections():
 def test_prepare_writes_instruct_copies_with_a_mask(corpus, tmp_path):
     meta = prepare([corpus], tmp_path, vocab_size=512, val_fraction=0.1, progress=False, instruct="stories")
     assert meta["inputs"][1] == "instruct:stories.jsonl"
-    assert meta["instruct"] == {"template": instruct.TEMPLATE, "inputs": ["instruct:stories.jsonl"]}
+    assert meta["instruct"] == {"template": instruct.TEMPLATE, "inputs": ["instruct:stories.jsonl"],
+                                "words": instruct.N_WORDS, "part_chars": instruct.STORY_CHARS}
     tok = Tokenizer.load(tmp_path)
     for split in ("train", "val"):
         tokens, mask = open_tokens(tmp_path, split, meta), open_mask(tmp_path, split)
@@ -84,6 +85,29 @@ def test_prepare_writes_instruct_copies_with_a_mask(corpus, tmp_path):
         # The mask leaves out exactly the header tokens.
         n_header_tokens = sum(len(tok.encode(h + "Story:\n")) for h in headers)
         assert int((mask[copies[0] : copies[1]] == 0).sum()) == n_header_tokens
+
+
+def test_instruct_words_and_part_size_are_settings(corpus, tmp_path):
+    meta = prepare([corpus], tmp_path, vocab_size=512, val_fraction=0.1, progress=False, instruct="stories",
+                   instruct_words=5, instruct_part_chars=150)
+    assert (meta["instruct"]["words"], meta["instruct"]["part_chars"]) == (5, 150)
+    tok = Tokenizer.load(tmp_path)
+    copies = meta["sources"][1]["train"]
+    docs = tok.decode(open_tokens(tmp_path, "train", meta)[copies[0] : copies[1]].tolist()).split("<|endoftext|>")
+    heads, stories = zip(*(d.split("Story:\n", 1) for d in docs[:-1]), strict=True)
+    counts = [len(h.split("\n")[0].removeprefix("Words: ").split(", ")) for h in heads]
+    expected = [min(5, len(instruct.content_words(s))) for s in stories]
+    assert counts == expected and max(counts) == 5
+    plain = meta["sources"][0]["train"]
+    n_documents = int((open_tokens(tmp_path, "train", meta)[plain[0] : plain[1]] == tok.eot_id).sum())
+    assert len(stories) >= 2 * n_documents and max(map(len, stories)) < 150 + 200  # parts, not documents
+
+
+@pytest.mark.parametrize("flag, message", [("--instruct-words=9", "--instruct-words must be between 1 and 8"),
+                                           ("--instruct-part-chars=10", "--instruct-part-chars must be at least")])
+def test_bad_instruct_settings_are_one_line(corpus, tmp_path, flag, message):
+    r = run_slm("prepare", str(corpus), "--out", str(tmp_path), "--instruct", "stories", flag, "--quiet")
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
 def test_the_template_follows_the_mix(corpus, tmp_path):

@@ -67,9 +67,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from slm.data import prepare
 
-    meta = prepare(args.inputs, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
-                   val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
-                   hf_dataset=args.hf_dataset, progress=not args.quiet, split=args.split, instruct=args.instruct)
+    given = {name: getattr(args, name) for name in args.prepare_flags if getattr(args, name) is not None}
+    meta = prepare(args.inputs, args.out, progress=not args.quiet, **given)
     how = {"documents": f"whole documents ({meta['val_fraction']:.0%} of them, chosen by hash)",
            "tail": f"the last {meta['val_fraction']:.0%} of each document (too few documents to hold whole ones out)",
            "none": "none (--val-fraction 0): training will report no validation loss"}[meta["split"]]
@@ -249,7 +248,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 # ---- parser ---------------------------------------------------------------------------------------------
-FIELD_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}
+FIELD_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float, "str | None": str}
 
 
 def add_settings(group: argparse._ActionsContainer, settings: type, show_defaults: bool = True) -> list[str]:
@@ -279,22 +278,12 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_prepare(sub: argparse._SubParsersAction) -> None:
+    from slm.data import PrepareConfig
+
     p = sub.add_parser("prepare", help="corpus -> tokenizer + train.bin/val.bin")
     p.add_argument("inputs", nargs="*", help=".txt/.md files, directories, .jsonl(.gz), .parquet")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary to train (default 8192)")
-    p.add_argument("--tokenizer", help="reuse a tokenizer: a model ('default', a checkpoint or run directory), a "
-                   "tokenizer.json, or 'gpt2'; use the model's own to fine-tune it (slm train --init-from)")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share held out for validation")
-    p.add_argument("--split", default="auto", choices=["auto", "documents", "tail"],
-                   help="validation by whole documents, or the tail of each document (auto: documents when "
-                        "there are enough of them)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
-    p.add_argument("--text-field", default="text", help="JSONL/parquet field holding the text")
-    p.add_argument("--hf-dataset", help="also stream this Hugging Face dataset (needs `datasets` + network)")
-    p.add_argument("--instruct", default="", metavar="NAMES",
-                   help="also write these inputs (file name starts, e.g. tinystories,fables) as stories that follow "
-                   "a request ('Words: ... / Features: ... / Story:'), as inputs named instruct:FILE for --mix")
+    p.set_defaults(prepare_flags=add_settings(p, PrepareConfig))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prepare)
 

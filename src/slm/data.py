@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from slm.config import setting
 from slm.errors import SlmError
 from slm.files import atomic_write_json
-from slm.instruct import TEMPLATE, instruct_documents
+from slm.instruct import MAX_WORDS, N_WORDS, STORY_CHARS, TEMPLATE, instruct_documents
 from slm.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -220,12 +221,21 @@ class Corpus:
     """The inputs of one `slm prepare` and how they are split; reads them as often as a pass needs."""
 
     files: list[Path]
-    hf_dataset: str | None
-    text_field: str
+    config: PrepareConfig
     mode: str  # "documents" or "tail" (see SPLITS)
-    val_fraction: float
-    seed: int
     instruct: list[int]  # indices of the inputs that are also written in the instruct format
+
+    @property
+    def hf_dataset(self) -> str | None:
+        return self.config.hf_dataset
+
+    @property
+    def val_fraction(self) -> float:
+        return self.config.val_fraction
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
 
     @property
     def names(self) -> list[str]:
@@ -233,8 +243,9 @@ class Corpus:
         return names + [f"instruct:{self.files[i].name}" for i in self.instruct]
 
     def read(self, source: int) -> Iterator[str]:
-        texts = read_documents(self.files[source], self.text_field) if source < len(self.files) else \
-            iter_hf_dataset(self.hf_dataset or "", self.text_field)
+        field = self.config.text_field
+        texts = read_documents(self.files[source], field) if source < len(self.files) else \
+            iter_hf_dataset(self.hf_dataset or "", field)
         return (t for t in texts if t.strip())
 
     def split(self, text: str, index: int) -> Iterator[tuple[bool, str]]:
@@ -261,7 +272,8 @@ class Corpus:
         for k, source in enumerate(self.instruct):
             for index, text in enumerate(self.read(source), first_index[source]):
                 for is_val, part in self.split(text, index):
-                    for head, story in instruct_documents(part, self.seed):
+                    for head, story in instruct_documents(part, self.seed, self.config.instruct_words,
+                                                          self.config.instruct_part_chars):
                         yield Doc(is_val, story, n_plain + k, head)
 
 
@@ -389,48 +401,66 @@ def check_splits(stats: dict[str, SplitStats], corpus: Corpus, asked_split: str)
                     "without validation")
 
 
-def prepare(
-    inputs: list[str | Path],
-    out_dir: str | Path,
-    vocab_size: int = 8192,
-    tokenizer: str | None = None,
-    val_fraction: float = 0.01,
-    seed: int = 0,
-    text_field: str = "text",
-    hf_dataset: str | None = None,
-    batch_chars: int = 8_000_000,
-    progress: bool = True,
-    split: str = "auto",
-    instruct: str = "",
-) -> dict:
+@dataclass(frozen=True)
+class PrepareConfig:
+    """`slm prepare`'s settings: each field is one flag (cli.add_settings), its default and help written here."""
+
+    vocab_size: int = setting(8192, "BPE vocabulary to train")
+    tokenizer: str | None = setting(None, "reuse a tokenizer: a model ('default', a checkpoint or run directory), "
+                                    "a tokenizer.json, or 'gpt2'; use the model's own to fine-tune it "
+                                    "(slm train --init-from)")
+    val_fraction: float = setting(0.01, "share held out for validation, in [0, 1)")
+    split: str = setting("auto", "validation by whole documents, or the tail of each document (auto: documents "
+                         "when there are enough of them)", choices=SPLITS)
+    seed: int = setting(0, "seed of the train/validation split (and of the instruct words drawn)")
+    text_field: str = setting("text", "JSONL/parquet field holding the text")
+    hf_dataset: str | None = setting(None, "also stream this Hugging Face dataset (needs `datasets` + network)")
+    instruct: str = setting("", "also write these inputs (file name starts, e.g. tinystories,fables) as stories "
+                            "that follow a request ('Words: ... / Features: ... / Story:'), as inputs named "
+                            "instruct:FILE for --mix", metavar="NAMES")
+    instruct_words: int = setting(N_WORDS, f"words in each instruct header (1-{MAX_WORDS})")
+    instruct_part_chars: int = setting(STORY_CHARS, "instruct copies cut long documents into parts of about this "
+                                       "many characters, each with its own header")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise DataError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 1 <= self.instruct_words <= MAX_WORDS:
+            raise DataError(f"--instruct-words must be between 1 and {MAX_WORDS}, got {self.instruct_words}")
+        if self.instruct_part_chars < 100:
+            raise DataError(f"--instruct-part-chars must be at least 100, got {self.instruct_part_chars}")
+
+
+def prepare(inputs: list[str | Path], out_dir: str | Path, progress: bool = True, batch_chars: int = 8_000_000,
+            **settings: object) -> dict:
     """Tokenize a corpus into ``out_dir`` (train.bin, val.bin, tokenizer.json, meta.json); returns the meta.
 
-    ``split``: "documents", "tail" (see SPLITS above) or "auto": documents when the corpus has enough of
-    them for ``val_fraction``, else tail; a document split that happens to draw no document falls back to tail.
-    ``instruct``: names of inputs (file name starts) also written in the instruct format (slm.instruct), as
-    extra inputs "instruct:<file name>", with a loss mask (train.mask, val.mask) that leaves out their headers.
+    ``settings``: PrepareConfig's fields. ``split``: "documents", "tail" (see SPLITS above) or "auto": documents
+    when the corpus has enough of them for ``val_fraction``, else tail; a document split that happens to draw no
+    document falls back to tail. ``instruct``: names of inputs (file name starts) also written in the instruct
+    format (slm.instruct), as extra inputs "instruct:<file name>", with a loss mask (train.mask, val.mask) that
+    leaves out their headers.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    cfg = PrepareConfig(**settings)  # type: ignore[arg-type]
     files = list_files(inputs) if inputs else []
-    if not files and not hf_dataset:
+    if not files and not cfg.hf_dataset:
         raise DataError("no input given: pass files or directories, or --hf-dataset NAME")
-    n_docs = float("inf") if hf_dataset else count_documents(files)
-    corpus = Corpus(files, hf_dataset, text_field, "", val_fraction, seed, instruct_inputs(files, instruct))
+    n_docs = float("inf") if cfg.hf_dataset else count_documents(files)
+    corpus = Corpus(files, cfg, "", instruct_inputs(files, cfg.instruct))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     tok = None
-    for mode in [choose_split(split, n_docs, val_fraction), "tail"]:
+    for mode in [choose_split(cfg.split, n_docs, cfg.val_fraction), "tail"]:
         corpus.mode = mode
-        tok = tok or choose_tokenizer(corpus, tokenizer, vocab_size, progress)
+        tok = tok or choose_tokenizer(corpus, cfg.tokenizer, cfg.vocab_size, progress)
         writer = TokenWriter(out, tok, len(corpus.names), bool(corpus.instruct), progress)
         try:
             encode_corpus(corpus, writer, batch_chars)
         except BaseException:
             writer.discard()
             raise
-        if check_splits(writer.stats, corpus, split) is None:
+        if check_splits(writer.stats, corpus, cfg.split) is None:
             break
         writer.discard()
     tok.save(out / "tokenizer.json")
@@ -452,8 +482,9 @@ def prepared_meta(corpus: Corpus, tok: Tokenizer, writer: TokenWriter, seconds: 
         "val_fraction": corpus.val_fraction,
         "split": corpus.mode if corpus.val_fraction else "none",
         "seed": corpus.seed,
-        "instruct": {"template": TEMPLATE, "inputs": corpus.names[-len(corpus.instruct):]} if corpus.instruct
-        else None,
+        "instruct": {"template": TEMPLATE, "inputs": corpus.names[-len(corpus.instruct):],
+                     "words": corpus.config.instruct_words, "part_chars": corpus.config.instruct_part_chars}
+        if corpus.instruct else None,
         "seconds": seconds,
         **{name: s.to_dict() for name, s in writer.stats.items()},
     }

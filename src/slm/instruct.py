@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from slm.errors import SlmError
 
 TEMPLATE = "words-v1"  # saved with the data (meta.json) and with every model trained on it (config.json)
-N_WORDS = 3  # words per training story, as in TinyStories-Instruct
+N_WORDS = 3  # words per training story by default, as in TinyStories-Instruct (slm prepare --instruct-words)
 MAX_WORDS = 8  # words one request may ask for
 MAX_WORD_CHARS = 24
-STORY_CHARS = 1500  # longer documents are cut into parts of about this size (a header + part fits 512 tokens)
+STORY_CHARS = 1500  # longer documents are cut into parts of about this size (a header + part fits 512 tokens;
+# slm prepare --instruct-part-chars)
 WORD_RE = re.compile(r"[A-Za-z][A-Za-z'-]*")
 SPEECH_RE = re.compile(r"[\"“][^\"”\n]{3,}[\"”]")  # quoted speech
 FEATURES = {"dialogue": "Dialogue"}  # request name -> header text
@@ -112,18 +113,19 @@ def detect_features(story: str) -> tuple[str, ...]:
     return ("dialogue",) if len(SPEECH_RE.findall(story)) >= 2 else ()
 
 
-def training_request(story: str, seed: int) -> StoryRequest:
-    """The request this story answers: N_WORDS of its content words (chosen by a hash of the story and the
+def training_request(story: str, seed: int, n_words: int = N_WORDS) -> StoryRequest:
+    """The request this story answers: ``n_words`` of its content words (chosen by a hash of the story and the
     seed, so a corpus prepares the same way every time), in the order the story uses them, and its features."""
     words = content_words(story)
     rng = random.Random(hashlib.blake2b(f"{seed}:{story}".encode(), digest_size=8).digest())
-    chosen = sorted(rng.sample(words, min(N_WORDS, len(words))), key=words.index)  # in story order: easier to learn
+    chosen = sorted(rng.sample(words, min(n_words, len(words))), key=words.index)  # in story order: easier to learn
     return StoryRequest(tuple(chosen), detect_features(story))
 
 
-def instruct_documents(text: str, seed: int) -> list[tuple[str, str]]:
+def instruct_documents(text: str, seed: int, n_words: int = N_WORDS, part_chars: int = STORY_CHARS
+                       ) -> list[tuple[str, str]]:
     """(header, story) pairs made from one document of a story corpus."""
-    return [(header(training_request(part, seed)), part) for part in story_parts(text)]
+    return [(header(training_request(part, seed, n_words)), part) for part in story_parts(text, part_chars)]
 
 
 # ---- measuring: did the story use the words? ------------------------------------------------------------
