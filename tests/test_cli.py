@@ -1,4 +1,5 @@
-"""The `slm` command line, run as a real subprocess."""
+"""The `slm` command line: called in-process (conftest.slm_cli: the same parser, commands and error boundary),
+and once as the real console entry point in a subprocess."""
 
 from __future__ import annotations
 
@@ -6,21 +7,21 @@ import json
 
 import pytest
 
-from conftest import run_slm
+from conftest import run_slm, slm_cli
 
 
 def test_info_lists_presets_with_parameter_counts():
-    r = run_slm("info")
+    r = run_slm("info")  # the real entry point, once
     assert r.returncode == 0
     assert "slm-16m" in r.stdout and "15,764,352" in r.stdout and "seed-16m" in r.stdout and "tiny" in r.stdout
-    assert "15,764,352" in run_slm("generate", "--help").stdout
+    assert "15,764,352" in slm_cli("generate", "--help").stdout
     assert "llama-16m" in r.stdout and "15,537,792" in r.stdout and "tiny-llama" in r.stdout
 
 
 def test_generate_json_with_and_without_cache(trained_any):
     outs = []
     for flag in ([], ["--no-kv-cache"], ["--decode-weights", "fp16"]):
-        r = run_slm("generate", "--model", str(trained_any), "--prompt", "Once upon a time", "--temperature", "0",
+        r = slm_cli("generate", "--model", str(trained_any), "--prompt", "Once upon a time", "--temperature", "0",
                     "--max-new-tokens", "30", "--json", *flag)
         assert r.returncode == 0, r.stderr
         outs.append(json.loads(r.stdout))
@@ -36,13 +37,13 @@ def test_generate_json_with_and_without_cache(trained_any):
 def test_generate_stream_and_seed(trained):
     args = ["generate", "--model", str(trained), "--prompt", "One day", "--max-new-tokens", "25", "--seed", "4",
             "--temperature", "1.0", "--top-k", "40", "--top-p", "0.95"]
-    a, b = run_slm(*args), run_slm(*args, "--stream")
+    a, b = slm_cli(*args), slm_cli(*args, "--stream")
     assert a.returncode == b.returncode == 0
     assert a.stdout == b.stdout and a.stdout.startswith("One day")
 
 
 def test_long_prompt_is_reported(trained):
-    r = run_slm("generate", "--model", str(trained), "--prompt", "the fox ran " * 100, "--max-new-tokens", "3")
+    r = slm_cli("generate", "--model", str(trained), "--prompt", "the fox ran " * 100, "--max-new-tokens", "3")
     assert r.returncode == 0 and "keeping its last 64" in r.stderr
 
 
@@ -60,7 +61,7 @@ def test_long_prompt_is_reported(trained):
 def test_user_mistakes_get_one_line_errors(args, message, trained):
     if "--model" not in args and args[0] == "generate":
         args = [*args, "--model", str(trained)]
-    r = run_slm(*args)
+    r = slm_cli(*args)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
@@ -72,11 +73,11 @@ def test_a_preset_brings_its_training_recipe_and_flags_override_it(prepared, tmp
             "--max-steps", "2", "--batch-size", "2", "--eval-interval", "2", "--eval-windows", "2", "--quiet"]
     for extra, optimizer in (([], "muon"), (["--optimizer", "adamw"], "adamw")):
         out = tmp_path / optimizer
-        r = run_slm(*args, "--out", str(out), *extra)
+        r = slm_cli(*args, "--out", str(out), *extra)
         assert r.returncode == 0, r.stderr
         saved = json.loads((out / "best" / "config.json").read_text())["training"]["train_config"]
         assert saved["optimizer"] == optimizer and saved["warmup_steps"] == 40 and saved["muon_lr"] == 0.02
-    assert "trains by default with: --optimizer muon" in run_slm("info").stdout
+    assert "trains by default with: --optimizer muon" in slm_cli("info").stdout
 
 
 def test_resume_takes_the_saved_settings_and_flags_override_them(prepared, tmp_path):
@@ -84,9 +85,9 @@ def test_resume_takes_the_saved_settings_and_flags_override_them(prepared, tmp_p
     first = ["train", "--data", str(prepared), "--out", str(out), "--preset", "cpu-7m", "--n-layer", "1",
              "--context-length", "32", "--max-steps", "2", "--batch-size", "3", "--eval-interval", "2",
              "--eval-windows", "2", "--optimizer", "adamw", "--lr", "0.002", "--quiet"]
-    assert (r := run_slm(*first)).returncode == 0, r.stderr
+    assert (r := slm_cli(*first)).returncode == 0, r.stderr
     # Only --resume and the new step count: shape, optimizer, batch size and learning rate come from the run.
-    r = run_slm("train", "--data", str(prepared), "--out", str(out), "--resume", "--max-steps", "4", "--quiet")
+    r = slm_cli("train", "--data", str(prepared), "--out", str(out), "--resume", "--max-steps", "4", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stdout
     saved = json.loads((out / "last" / "config.json").read_text())
@@ -96,7 +97,7 @@ def test_resume_takes_the_saved_settings_and_flags_override_them(prepared, tmp_p
 
 
 def test_unknown_preset_on_the_command_line(prepared, tmp_path):
-    r = run_slm("train", "--data", str(prepared), "--out", str(tmp_path / "r"), "--preset", "huge")
+    r = slm_cli("train", "--data", str(prepared), "--out", str(tmp_path / "r"), "--preset", "huge")
     assert r.returncode == 2 and "unknown preset 'huge'; choose one of: seed-16m, slm-16m, llama-16m" in r.stderr
 
 
@@ -104,17 +105,17 @@ def test_pickle_checkpoint_refused_on_the_command_line(tmp_path):
     import torch
 
     torch.save({"w": torch.zeros(2)}, tmp_path / "model.pt")
-    r = run_slm("generate", "--model", str(tmp_path / "model.pt"), "--prompt", "hi")
+    r = slm_cli("generate", "--model", str(tmp_path / "model.pt"), "--prompt", "hi")
     assert r.returncode == 2 and "pickle" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
 def test_prepare_train_eval_export_end_to_end(corpus, tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
-    r = run_slm("prepare", str(corpus), "--out", str(data), "--vocab-size", "400", "--quiet")
+    r = slm_cli("prepare", str(corpus), "--out", str(data), "--vocab-size", "400", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "train:" in r.stdout and (data / "train.bin").is_file()
-    r = run_slm("train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "30",
+    r = slm_cli("train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "30",
                 "--eval-interval", "15", "--log-interval", "10")
     assert r.returncode == 0, r.stderr
     assert "done: 30 steps" in r.stdout
@@ -124,11 +125,11 @@ def test_prepare_train_eval_export_end_to_end(corpus, tmp_path):
     assert "step 15: val loss" in r.stdout and "bits/byte" in r.stdout and "\r" not in r.stderr
     text = tmp_path / "held_out.txt"
     text.write_text("Once upon a time there was a little owl named Sue. Sue lived near the hill.")
-    r = run_slm("eval", "--model", str(run / "best"), str(text), "--json")
+    r = slm_cli("eval", "--model", str(run / "best"), str(text), "--json")
     assert r.returncode == 0, r.stderr
     total = json.loads(r.stdout)["total"]
     assert total["bytes"] == len(text.read_bytes()) and total["bits_per_byte"] > 0
-    r = run_slm("export-hf", "--model", str(run / "best"), "--out", str(tmp_path / "hf"))
+    r = slm_cli("export-hf", "--model", str(run / "best"), "--out", str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
 
@@ -136,7 +137,7 @@ def test_prepare_train_eval_export_end_to_end(corpus, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
 def test_bench_prints_a_table_and_writes_json_and_plot(tmp_path, preset):
-    r = run_slm("bench", "--preset", preset, "--lengths", "8,32", "--repeats", "1", "--json",
+    r = slm_cli("bench", "--preset", preset, "--lengths", "8,32", "--repeats", "1", "--json",
                 str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"))
     assert r.returncode == 0, r.stderr
     assert "kv_speedup_max" in r.stdout and "speedup_vs_hf" in r.stdout

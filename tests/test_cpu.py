@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from conftest import run_slm
+from conftest import slm_cli
 
 
 def test_the_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
@@ -40,7 +40,7 @@ def test_auto_follows_the_measurement_not_the_flags(monkeypatch):
 def test_info_describes_the_machine():
     from slm.cpu import cpu_info
 
-    r = run_slm("info")
+    r = slm_cli("info")
     assert r.returncode == 0, r.stderr
     info = cpu_info()
     assert f"CPU: {info.model} ({info.logical_cpus} logical CPUs" in r.stdout

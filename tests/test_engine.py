@@ -5,42 +5,9 @@ milliseconds and a failure points at the scheduler, not at the maths."""
 from __future__ import annotations
 
 import pytest
-import torch
-from torch import nn
 
-from slm.config import ModelConfig
+from helpers import CONTEXT, VOCAB, WindowSumModel, greedy
 from slm.generation import Engine, GenerationError, SamplingParams
-
-VOCAB, CONTEXT = 97, 16
-
-
-class WindowSumModel(nn.Module):
-    """Predicts (the sum of every token it can see) mod VOCAB. With a cache it sees only what the cache holds
-    (it stores token ids as keys), so cache == no cache only if the engine prefills, moves rows and shifts
-    windows exactly right."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.config = ModelConfig(vocab_size=VOCAB, context_length=CONTEXT, n_layer=1, n_head=1, d_model=2)
-        self.wte = nn.Embedding(VOCAB, 2)  # only for its device and dtype
-        self.calls = 0
-
-    def forward(self, tokens: torch.Tensor, cache=None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        self.calls += 1
-        b, t = tokens.shape
-        if cache is None:
-            assert t <= CONTEXT, "the engine gave the model more than its context"
-            sums = tokens.double().cumsum(1)
-        else:
-            lengths = cache.lengths.clone()
-            as_keys = tokens.float()[:, None, :, None].expand(b, 1, t, 2)
-            keys, _ = cache.write(0, as_keys, as_keys, cache.uniform_start())  # raises past the context
-            slots = torch.arange(keys.shape[2])
-            visible = slots[None, None, :] <= (lengths[:, None] + torch.arange(t)[None, :])[:, :, None]
-            sums = (keys[:, 0, :, 0].double()[:, None, :] * visible).sum(-1)
-            cache.advance(t)
-        logits = nn.functional.one_hot(sums.long() % VOCAB, VOCAB).float() * 10
-        return logits if logits_at is None else logits[torch.arange(b), logits_at]
 
 
 def reference(prompt: list[int], n: int, shift: int = CONTEXT // 4) -> list[int]:
@@ -51,10 +18,6 @@ def reference(prompt: list[int], n: int, shift: int = CONTEXT // 4) -> list[int]
         out.append(token)
         window = window + [token] if len(window) < CONTEXT else (window + [token])[-(CONTEXT - shift):]
     return out
-
-
-def greedy(n: int, **kw) -> SamplingParams:
-    return SamplingParams(max_new_tokens=n, temperature=0, stop_at_eot=False, **kw)
 
 
 def run(engine: Engine, work: list[tuple[list[int], int]]) -> list[list[int]]:

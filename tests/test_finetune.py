@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_slm
+from conftest import slm_cli
 from slm import checkpoint
 from slm.data import prepare, tokenizer_path
 from slm.tokenizer import Tokenizer
@@ -38,14 +38,14 @@ def test_init_from_starts_from_the_models_weights(trained, prepared, tmp_path):
 
 def test_cli_init_from_uses_the_fine_tuning_recipe(trained, prepared, tmp_path):
     out = tmp_path / "run"
-    r = run_slm("train", "--data", str(prepared), "--out", str(out), "--init-from", str(trained), "--max-steps", "2",
+    r = slm_cli("train", "--data", str(prepared), "--out", str(out), "--init-from", str(trained), "--max-steps", "2",
                 "--eval-interval", "1", "--quiet", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     saved = json.loads((out / "summary.json").read_text())
     assert {k: saved["train_config"][k] for k in FINETUNE_RECIPE} == FINETUNE_RECIPE
     assert saved["preset"] == "tiny"  # the starting model's
     # --resume continues the fine-tuning run (its weights, not the starting model's again).
-    r = run_slm("train", "--data", str(prepared), "--out", str(out), "--resume", "--max-steps", "3", "--quiet")
+    r = slm_cli("train", "--data", str(prepared), "--out", str(out), "--resume", "--max-steps", "3", "--quiet")
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
 
@@ -69,7 +69,7 @@ def test_init_from_keeps_the_shape(trained, prepared, tmp_path):
 
 
 def test_cli_init_from_with_preset_is_one_line(trained, prepared, tmp_path):
-    r = run_slm("train", "--data", str(prepared), "--out", str(tmp_path), "--init-from", str(trained),
+    r = slm_cli("train", "--data", str(prepared), "--out", str(tmp_path), "--init-from", str(trained),
                 "--preset", "tiny")
     assert r.returncode == 2 and "keeps that model's shape; drop --preset tiny" in r.stderr
     assert "Traceback" not in r.stderr

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_PRESETS, run_slm
+from conftest import TINY_PRESETS, slm_cli
 
 
 def read(path):
@@ -59,7 +59,7 @@ def test_gguf_round_trip_is_exact(family, prepared, tmp_path):
     config = get_preset(TINY_PRESETS[family]).config
     tokenizer = Tokenizer.load(prepared / "tokenizer.json")
     save(GPT(config), tokenizer, tmp_path / "model")
-    out = run_slm("export-gguf", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "model.gguf"))
+    out = slm_cli("export-gguf", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "model.gguf"))
     assert out.returncode == 0, out.stderr
     model, _ = load(tmp_path / "model")
     fields, tensors = read(tmp_path / "model.gguf")
@@ -93,7 +93,7 @@ def test_gguf_round_trip_is_exact(family, prepared, tmp_path):
     assert len(fields["tokenizer.ggml.merges"]) > 0
 
     # f16: matrices halve in size and stay within f16 rounding; norms stay f32.
-    run_slm("export-gguf", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "f16.gguf"), "--dtype", "f16")
+    slm_cli("export-gguf", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "f16.gguf"), "--dtype", "f16")
     _, half = read(tmp_path / "f16.gguf")
     assert half["token_embd.weight"].dtype == np.float16 and half["output_norm.weight"].dtype == np.float32
     assert np.allclose(half["token_embd.weight"], tensors["token_embd.weight"], rtol=1e-3, atol=1e-4)
@@ -121,7 +121,7 @@ def test_llama_cpp_runs_the_export_with_our_greedy_tokens(which, request, tmp_pa
     model_dir = resolve("default") if which == "bundled" else request.getfixturevalue(which)
     n = 60 if which == "bundled" else 40  # the tiny models' context is 64 tokens
     gguf = tmp_path / "model.gguf"
-    out = run_slm("export-gguf", "--model", str(model_dir), "--out", str(gguf))
+    out = slm_cli("export-gguf", "--model", str(model_dir), "--out", str(gguf))
     assert out.returncode == 0, out.stderr
     for prompt in LLAMA_CPP_PROMPTS:
         ours = our_greedy_text(model_dir, prompt, n)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_slm
+from conftest import slm_cli
 from slm import checkpoint, instruct
 from slm.data import BatchSampler, open_mask, open_tokens, prepare, trains_on_instruct
 from slm.generation import Engine, SamplingParams
@@ -106,7 +106,7 @@ def test_instruct_words_and_part_size_are_settings(corpus, tmp_path):
 @pytest.mark.parametrize("flag, message", [("--instruct-words=9", "--instruct-words must be between 1 and 8"),
                                            ("--instruct-part-chars=10", "--instruct-part-chars must be at least")])
 def test_bad_instruct_settings_are_one_line(corpus, tmp_path, flag, message):
-    r = run_slm("prepare", str(corpus), "--out", str(tmp_path), "--instruct", "stories", flag, "--quiet")
+    r = slm_cli("prepare", str(corpus), "--out", str(tmp_path), "--instruct", "stories", flag, "--quiet")
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
@@ -119,7 +119,7 @@ def test_the_template_follows_the_mix(corpus, tmp_path):
 
 
 def test_prepare_instruct_names_an_unknown_input(corpus, tmp_path):
-    r = run_slm("prepare", str(corpus), "--out", str(tmp_path), "--instruct", "novels", "--quiet")
+    r = slm_cli("prepare", str(corpus), "--out", str(tmp_path), "--instruct", "novels", "--quiet")
     assert r.returncode == 2
     assert "--instruct: no input file name starts with 'novels' (inputs: stories.jsonl)" in r.stderr
 
@@ -185,7 +185,7 @@ def test_a_model_trained_with_the_template_uses_the_words(tmp_path):
 
 # ---- asking for words: CLI and API -----------------------------------------------------------------------
 def test_generate_words_builds_the_prompt(story_model):
-    r = run_slm("generate", "--model", str(story_model), "--words", "fox,cake", "--features", "dialogue",
+    r = slm_cli("generate", "--model", str(story_model), "--words", "fox,cake", "--features", "dialogue",
                 "--prompt", "Once", "--max-new-tokens", "20", "--temperature", "0", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -201,7 +201,7 @@ def test_generate_words_builds_the_prompt(story_model):
 ])
 def test_generate_words_errors(trained, story_model, args, message):
     model = trained if "trained" in message else story_model
-    r = run_slm("generate", "--model", str(model), *args)
+    r = slm_cli("generate", "--model", str(model), *args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from conftest import make_story, run_slm
+from conftest import make_story, slm_cli
 
 
 def one_long_text(path, n_stories: int = 300) -> None:
@@ -25,14 +25,14 @@ def test_one_text_file_from_prepare_to_generate(tmp_path):
     one_long_text(text)
     data, run = tmp_path / "data", tmp_path / "run"
 
-    r = run_slm("prepare", str(text), "--out", str(data), "--vocab-size", "400", "--val-fraction", "0.1", "--quiet")
+    r = slm_cli("prepare", str(text), "--out", str(data), "--vocab-size", "400", "--val-fraction", "0.1", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "validation split: the last 10% of each document" in r.stdout
     meta = json.loads((data / "meta.json").read_text())
     assert meta["split"] == "tail" and meta["val"]["tokens"] > 1000
     assert 0.07 < meta["val"]["bytes"] / (meta["train"]["bytes"] + meta["val"]["bytes"]) < 0.13
 
-    r = run_slm("train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--arch", "llama",
+    r = slm_cli("train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--arch", "llama",
                 "--n-layer", "2", "--n-head", "2", "--d-model", "64", "--context-length", "32", "--max-steps", "40",
                 "--eval-interval", "20", "--eval-windows", "8", "--batch-size", "8", "--quiet")
     assert r.returncode == 0, r.stderr
@@ -42,11 +42,11 @@ def test_one_text_file_from_prepare_to_generate(tmp_path):
     assert (shape["arch"], shape["n_layer"], shape["n_head"], shape["d_model"], shape["context_length"]) == (
         "llama", 2, 2, 64, 32)
 
-    r = run_slm("generate", "--model", str(run), "--prompt", "Once upon a time", "--max-new-tokens", "10",
+    r = slm_cli("generate", "--model", str(run), "--prompt", "Once upon a time", "--max-new-tokens", "10",
                 "--temperature", "0")
     assert r.returncode == 0, r.stderr
     assert f"model: {run}/best" in r.stderr and r.stdout.startswith("Once upon a time")
-    r = run_slm("eval", "--model", str(run), str(text), "--json")
+    r = slm_cli("eval", "--model", str(run), str(text), "--json")
     assert r.returncode == 0, r.stderr
     assert f"model: {run}/best" in r.stderr and json.loads(r.stdout)
 
@@ -55,15 +55,15 @@ def test_one_text_file_from_prepare_to_generate(tmp_path):
 def test_training_without_validation_names_last(tmp_path):
     text = tmp_path / "input.txt"
     one_long_text(text, 100)
-    r = run_slm("prepare", str(text), "--out", str(tmp_path / "data"), "--vocab-size", "300", "--val-fraction", "0",
+    r = slm_cli("prepare", str(text), "--out", str(tmp_path / "data"), "--vocab-size", "300", "--val-fraction", "0",
                 "--quiet")
     assert r.returncode == 0 and "validation split: none" in r.stdout
-    r = run_slm("train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--preset", "tiny",
+    r = slm_cli("train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--preset", "tiny",
                 "--max-steps", "5", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "nan" not in r.stdout and "no validation split" in r.stdout and f"{tmp_path}/run/last" in r.stdout
     assert not (tmp_path / "run" / "best").exists()
-    r = run_slm("generate", "--model", str(tmp_path / "run"), "--prompt", "The", "--max-new-tokens", "3")
+    r = slm_cli("generate", "--model", str(tmp_path / "run"), "--prompt", "The", "--max-new-tokens", "3")
     assert r.returncode == 0 and f"model: {tmp_path}/run/last" in r.stderr
 
 
@@ -92,7 +92,7 @@ def test_a_few_documents_split_by_position_and_a_tiny_corpus_is_refused(tmp_path
 def test_files_that_are_not_text(tmp_path, content, outcome):
     path = tmp_path / "input.txt"
     path.write_bytes(content)
-    r = run_slm("prepare", str(path), "--out", str(tmp_path / "data"), "--vocab-size", "300", "--quiet")
+    r = slm_cli("prepare", str(path), "--out", str(tmp_path / "data"), "--vocab-size", "300", "--quiet")
     if outcome == "warning":
         assert r.returncode == 0, r.stderr
         assert f"warning: {path}: 1 invalid UTF-8 byte(s) replaced by U+FFFD" in r.stderr

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from conftest import run_slm
+from conftest import slm_cli
 from helpers import app_server, fail_sampling_for_seed, free_port, server
 from slm.evaluate import sliding_windows
 
@@ -73,7 +73,7 @@ def test_greedy_text_is_the_same_everywhere(api, served):
     basic = post(api, "/predict", {**body, "model_type": "basic"}).json()
     cached = post(api, "/predict", {**body, "model_type": "cached"}).json()
     completion = post(api, "/v1/completions", {"prompt": prompt, "temperature": 0, "max_tokens": 40}).json()
-    cli = json.loads(run_slm("generate", "--model", str(served), "--prompt", prompt, "--temperature", "0",
+    cli = json.loads(slm_cli("generate", "--model", str(served), "--prompt", prompt, "--temperature", "0",
                              "--max-new-tokens", "40", "--json").stdout)
     assert basic["result"] == cached["result"] == completion["choices"][0]["text"] == cli["text"]
     assert basic["result"].strip()
@@ -89,7 +89,7 @@ def test_repetition_controls_reach_the_engine(api, served):
     plain = post(api, "/predict", body).json()
     penalised = post(api, "/predict", {**body, **controls}).json()
     completion = post(api, "/v1/completions", {"prompt": prompt, "temperature": 0, "max_tokens": 40, **controls})
-    cli = json.loads(run_slm("generate", "--model", str(served), "--prompt", prompt, "--temperature", "0",
+    cli = json.loads(slm_cli("generate", "--model", str(served), "--prompt", prompt, "--temperature", "0",
                              "--max-new-tokens", "40", "--repetition-penalty", "1.5", "--frequency-penalty", "0.5",
                              "--json").stdout)
     assert penalised["result"] == completion.json()["choices"][0]["text"] == cli["text"] != plain["result"]
@@ -631,5 +631,5 @@ def test_bearer_token_auth_and_cors(trained):
 
 
 def test_serve_refuses_a_missing_model():
-    r = run_slm("serve", "--model", "/nonexistent/model", "--port", str(free_port()), timeout=60)
+    r = slm_cli("serve", "--model", "/nonexistent/model", "--port", str(free_port()))
     assert r.returncode == 2 and "checkpoint directory not found" in r.stderr

@@ -19,7 +19,7 @@ from starlette.types import Scope
 
 import slm
 from slm.checkpoint import CheckpointError, load, resolve, template
-from slm.generation import GenerationError
+from slm.generation import Engine, GenerationError
 from slm.model import GPT
 from slm.server.connections import uvicorn_config
 from slm.server.engine import ServingEngine
@@ -39,8 +39,9 @@ def build_engine(settings: Settings, metrics: Metrics) -> tuple[ServingEngine, d
     torch.manual_seed(0)
     untrained = GPT(model.config).eval()  # same shape, random initialisation
     variants = {SERVED: (model, True), "basic": (model, False), "untrained": (untrained, True)}  # schemas.ModelType
-    engine = ServingEngine(variants, tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                           metrics=metrics, scorer=SERVED)
+    engines = {name: Engine(net, tokenizer, max_batch=settings.max_batch, use_cache=use_cache)
+               for name, (net, use_cache) in variants.items()}
+    engine = ServingEngine(engines, tokenizer, max_queue=settings.max_queue, metrics=metrics, scorer=SERVED)
     info = {"name": resolve(settings.model).name, "parameters": model.num_parameters(),
             "config": model.config.to_dict(), "tokenizer": tokenizer.kind, "template": template(settings.model),
             "native_decode": engine.engines[SERVED].native is not None}  # no filesystem path: GET / is open

@@ -5,6 +5,12 @@ slots (continuous batching: a request joins the running batch at the next step),
 has work, and hands each produced text piece to its request's asyncio queue. The event loop only ever
 waits on those queues, so it never blocks on the model.
 
+The variants (the served model with its KV cache, the same model without it, an untrained copy: each an
+Engine with its own batch) share the worker by time, not by turns: each round steps the variant that has had
+the least worker time. A variant without the cache re-reads every sequence whole at each step, so its steps
+grow with its sequences; stepping it every round would slow every cached request to its pace. By time, each
+busy variant gets an equal share of the worker, whatever its step costs.
+
 Scoring jobs (``logprobs``/``echo``) run on the same worker, one batch of windows per round, so a long
 text shares the worker with decoding instead of holding it, and stops at its deadline or when its client
 goes away.
@@ -121,17 +127,17 @@ def engine_fault(request_id: str) -> Failure:
 class ServingEngine:
     """Owns the models (one copy each) and the worker thread that decodes for every request.
 
-    ``variants``: name -> (model, use the KV cache); ``scorer`` names the variant that scores texts (default:
-    the first). One class of ~230 lines because the worker thread owns all of this state (the queue, the
+    ``engines``: variant name -> its decode Engine; ``scorer`` names the variant whose model scores texts
+    (default: the first). One class of ~240 lines because the worker thread owns all of this state (the queue, the
     batches, the scoring jobs, its own restarts) and nothing else may touch it; each method is one step.
     """
 
-    def __init__(self, variants: dict[str, tuple[GPT, bool]], tokenizer: Tokenizer, max_batch: int = 16,
-                 max_queue: int = 64, metrics=None, scorer: str | None = None) -> None:
+    def __init__(self, engines: dict[str, Engine], tokenizer: Tokenizer, max_queue: int = 64, metrics=None,
+                 scorer: str | None = None) -> None:
         self.tokenizer = tokenizer
-        self.engines = {name: Engine(model, tokenizer, max_batch=max_batch, use_cache=use_cache)
-                        for name, (model, use_cache) in variants.items()}
-        self.scorer = self.engines[scorer or next(iter(variants))].model
+        self.engines = engines
+        self.scorer: GPT = self.engines[scorer or next(iter(engines))].model
+        self.worker_seconds = dict.fromkeys(engines, 0.0)  # decode time each variant has had (the fair share)
         self.max_queue = max_queue
         self.metrics = metrics
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
@@ -239,9 +245,20 @@ class ServingEngine:
                 with self._wake:
                     self._scoring.append(job)  # round robin between scoring jobs
             self._reap()
-            for name, engine in self.engines.items():
-                if engine.active:
-                    self._step(name, engine)
+            name = self._next_variant()
+            if name is not None:
+                self._step(name, self.engines[name])
+
+    def _next_variant(self) -> str | None:
+        """The busy variant that has had the least worker time. An idle variant is brought up to the least busy
+        one's time: idle time is not saved up to be spent later in one long run of its own steps."""
+        busy = [name for name, engine in self.engines.items() if engine.active]
+        if not busy:
+            return None
+        floor = min(self.worker_seconds[name] for name in busy)
+        for name in self.engines.keys() - busy:
+            self.worker_seconds[name] = max(self.worker_seconds[name], floor)
+        return min(busy, key=self.worker_seconds.__getitem__)
 
     def _fail_in_flight(self) -> None:
         """Answer every running, waiting and scoring request with a 500 (called with the lock held)."""
@@ -314,6 +331,7 @@ class ServingEngine:
     def _step(self, name: str, engine: Engine) -> None:
         if self.metrics:
             self.metrics.batch(name, len(engine.active))
+        started = time.perf_counter()
         try:
             produced = engine.step()
         except Exception as e:  # the forward pass touched every row of this batch: fail those, keep the rest
@@ -325,6 +343,8 @@ class ServingEngine:
                 req.emit("error", engine_fault(req.id))
             engine.reset()
             return
+        finally:
+            self.worker_seconds[name] += time.perf_counter() - started
         events: list[tuple[GenerationRequest, str, object]] = []
         for seq, _token in produced:
             req = self._running.get(id(seq))
