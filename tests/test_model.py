@@ -62,6 +62,18 @@ def test_inference_head_follows_weight_updates(tiny_model):
     assert not torch.allclose(before, after)  # the cached transposed head copy was rebuilt
 
 
+def test_a_model_made_inside_inference_mode_runs(tiny_model):
+    """Weights created under torch.inference_mode() (loading a model there) have no version counter: the
+    inference head must not need one, and must give the same logits."""
+    tokens = torch.randint(0, tiny_model.config.vocab_size, (2, 9))
+    with torch.inference_mode():
+        expected = tiny_model(tokens)
+        inside = GPT(tiny_model.config).eval()
+        inside.load_state_dict(tiny_model.state_dict())
+        assert inside.wte.weight.is_inference()
+        assert torch.allclose(inside(tokens), expected, atol=1e-5)
+
+
 def test_llama_block_shapes_and_grouped_query_cache():
     from slm.kv_cache import KVCache
 

@@ -24,3 +24,19 @@ def test_no_registry_or_other_web_address_is_written_down():
         found += [f"{name}: {url}" for url in re.findall(r"https?://[^\s'\"<>)`]+", text)
                   if not url.startswith(ALLOWED)]
     assert not found, "\n".join(found)
+
+
+def test_functions_are_short_and_long_classes_say_why():
+    """The size rules of docs/design.md: no function or method in src/ over 60 lines; a class over 150 lines
+    says in its docstring why it is one class ("One class of ~N lines ...")."""
+    import ast
+
+    too_long = []
+    for path in sorted((ROOT / "src" / "slm").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            size = node.end_lineno - node.lineno + 1 if hasattr(node, "end_lineno") else 0
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and size > 60:
+                too_long.append(f"{path.name}: {node.name} is {size} lines")
+            if isinstance(node, ast.ClassDef) and size > 150 and "One class of" not in (ast.get_docstring(node) or ""):
+                too_long.append(f"{path.name}: class {node.name} is {size} lines and its docstring does not say why")
+    assert not too_long, too_long

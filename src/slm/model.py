@@ -171,9 +171,13 @@ class GPT(nn.Module):
 
         ``x @ W_t`` on a contiguous transposed copy is several times faster on CPU than ``F.linear`` on the
         tied ``[vocab, d_model]`` weight for the matrix-vector products of decoding. The copy is rebuilt
-        whenever the weight changes (its storage or version counter moves).
+        whenever the weight changes (its storage or version counter moves). A model made or loaded inside
+        ``torch.inference_mode()`` has inference tensors, which keep no version counter: those get the plain
+        ``F.linear`` (a change to them could not be seen, so nothing of them is cached).
         """
         w = self.wte.weight
+        if w.is_inference():
+            return w.t()
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._head_cache is None or self._head_cache[0] != key:
             self._head_cache = (key, w.detach().t().contiguous())
