@@ -43,9 +43,10 @@ lint: install
 test: install system-deps lint llama-cpp
 	$(PY) -m pytest -q
 
-# The inner loop: everything but the slow tests (notebooks, browser, DDP, ...), in about a minute.
+# The inner loop: everything but the slow tests (notebooks, browser, DDP, own servers), on two workers
+# (pytest-xdist; each file on one worker, so its module fixtures start once): ~90 s on 2 cores.
 test-fast: install lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # Re-take docs/playground.png with the bundled model (tests themselves never write into the repository).
 screenshot: install system-deps

@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two threads, or one each when pytest-xdist runs two workers on a 2-core machine (make test-fast).
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
 
 ROOT = Path(__file__).resolve().parents[1]
 ANIMALS = ["rabbit", "fox", "bear", "duck", "mouse", "cat", "dog", "owl"]
@@ -24,10 +26,11 @@ PLACES = ["woods", "garden", "river", "hill", "house", "field"]
 THINGS = ["a red ball", "a big cake", "a blue hat", "an old key", "a small boat", "a shiny stone"]
 FEELINGS = ["happy", "sad", "scared", "proud", "tired"]
 TINY_PRESETS = {"gpt2": "tiny", "llama": "tiny-llama"}  # one tiny shape per model family
+TINY_STEPS = 150  # enough for both to end their stories with "The end." and <|endoftext|> (~12 s each)
 
 
 def make_story(rng: random.Random) -> str:
-    """A short, regular children's story: structure a tiny model can learn in a few hundred steps."""
+    """A short, regular children's story: structure a tiny model learns in TINY_STEPS steps."""
     animal, name, place, thing, feel = (rng.choice(x) for x in (ANIMALS, NAMES, PLACES, THINGS, FEELINGS))
     friend = rng.choice([a for a in ANIMALS if a != animal])
     return (
@@ -74,39 +77,59 @@ def run_slm(*args: str, timeout: float = 300, env: dict | None = None, cwd: Path
                           env=full_env, cwd=cwd)
 
 
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], Path]) -> Path:
+    """``make(directory)``, once per test run. Under pytest-xdist (`make test-fast` runs two workers) the
+    workers share it: the first makes it under a file lock, the others wait for it and reuse it, so each tiny
+    model is trained once, not once per worker."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return make(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / name  # the run's temp root, above each worker's own
+    with FileLock(f"{shared}.lock"):
+        done = shared / ".made"
+        if not done.is_file():
+            result = make(shared / "made")
+            done.write_text(str(result))
+        return Path(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
+    return made_once(tmp_path_factory, "corpus", write_corpus)
 
 
 @pytest.fixture(scope="session")
 def prepared(corpus, tmp_path_factory) -> Path:
     from slm.data import prepare
 
-    out = tmp_path_factory.mktemp("prepared")
-    prepare([corpus], out, vocab_size=512, val_fraction=0.1, seed=0, progress=False)
-    return out
+    def make(out: Path) -> Path:
+        prepare([corpus], out, vocab_size=512, val_fraction=0.1, seed=0, progress=False)
+        return out
+
+    return made_once(tmp_path_factory, "prepared", make)
 
 
 def train_tiny(prepared: Path, out: Path, preset: str, optimizer: str) -> Path:
     from slm.train import TrainConfig, train
 
-    cfg = TrainConfig(preset=preset, batch_size=16, max_steps=300, lr=3e-3, warmup_steps=20, eval_interval=100,
-                      eval_windows=16, log_interval=20, seed=0, device="cpu", dtype="fp32", optimizer=optimizer)
+    cfg = TrainConfig(preset=preset, batch_size=16, max_steps=TINY_STEPS, lr=3e-3, warmup_steps=20,
+                      eval_interval=TINY_STEPS // 3, eval_windows=16, log_interval=20, seed=0, device="cpu",
+                      dtype="fp32", optimizer=optimizer)
     train(prepared, out, cfg, progress=False)
     return out / "best"
 
 
 @pytest.fixture(scope="session")
 def trained(prepared, tmp_path_factory) -> Path:
-    """The tiny preset (GPT-2) trained for a few hundred steps with AdamW: a real checkpoint directory (best/)."""
-    return train_tiny(prepared, tmp_path_factory.mktemp("run"), "tiny", "adamw")
+    """The tiny preset (GPT-2) trained for TINY_STEPS steps with AdamW: a real checkpoint directory (best/)."""
+    return made_once(tmp_path_factory, "run", lambda out: train_tiny(prepared, out, "tiny", "adamw"))
 
 
 @pytest.fixture(scope="session")
 def trained_llama(prepared, tmp_path_factory) -> Path:
-    """The tiny-llama preset trained for a few hundred steps with Muon."""
-    return train_tiny(prepared, tmp_path_factory.mktemp("run-llama"), "tiny-llama", "muon")
+    """The tiny-llama preset trained for TINY_STEPS steps with Muon."""
+    return made_once(tmp_path_factory, "run-llama", lambda out: train_tiny(prepared, out, "tiny-llama", "muon"))
 
 
 @pytest.fixture(scope="session")

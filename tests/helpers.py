@@ -4,6 +4,7 @@ small training settings the training and optimizer tests use."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -111,6 +112,28 @@ def quick_cfg(**kw):
     base = dict(preset="tiny", batch_size=8, max_steps=20, lr=2e-3, warmup_steps=5, eval_interval=10,
                 eval_windows=8, log_interval=1, seed=1, device="cpu", dtype="fp32")
     return TrainConfig(**{**base, **kw})
+
+
+# ---- talking to a server
+def post(url, path, body, **kw):
+    """POST JSON as clients send it: ASCII with \\u escapes, so a lone surrogate can be sent."""
+    headers = {"content-type": "application/json", **kw.pop("headers", {})}
+    return httpx.post(f"{url}{path}", content=json.dumps(body), headers=headers, **{"timeout": 120, **kw})
+
+
+def finished_total(url: str, reason: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f'slm_finished_total{{reason="{reason}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def wait_for_cancel(url: str, before: float) -> float:
+    for _ in range(100):  # bounded: 10 s
+        if finished_total(url, "cancelled") > before:
+            break
+        time.sleep(0.1)
+    return finished_total(url, "cancelled")
 
 
 # ---- a fake model for the engines' bookkeeping (tests/test_engine.py, tests/test_serving_engine.py) ----

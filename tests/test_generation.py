@@ -42,7 +42,8 @@ def test_batch_of_different_lengths_equals_each_alone(tiny_model, decode_path):
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (1, 5, 17, 40, 63, 64, 90)]
     alone = [generate(tiny_model, [p], max_new_tokens=2 * CONTEXT, temperature=0)[0] for p in prompts]
     assert generate(tiny_model, prompts, max_new_tokens=2 * CONTEXT, temperature=0) == alone
-    assert generate(tiny_model, prompts, max_new_tokens=2 * CONTEXT, temperature=0, use_cache=False) == alone
+    if decode_path == "torch":  # without the cache there is no decode step to choose: once per family
+        assert generate(tiny_model, prompts, max_new_tokens=2 * CONTEXT, temperature=0, use_cache=False) == alone
 
 
 def test_sequences_join_and_leave_a_running_batch(tiny_model, decode_path):

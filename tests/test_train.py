@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import TINY_STEPS
 from helpers import quick_cfg
 from slm.data import DataError, load_meta
 from slm.train import TrainError, train
@@ -37,10 +38,10 @@ def test_training_learns_far_below_unigram_entropy(trained_any, prepared):
     assert (run / "last" / "train_state.json").is_file() and (run / "loss.png").stat().st_size > 1000
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "eval"]
-    assert [e["step"] for e in evals] == [100, 200, 300]
+    assert [e["step"] for e in evals] == [TINY_STEPS // 3, 2 * TINY_STEPS // 3, TINY_STEPS]
     assert summary["best_val_bpb"] == pytest.approx(summary["best_val_loss"] / math.log(2) /
                                                     load_meta(prepared)["val"]["bytes_per_token"])
-    assert summary["tokens_seen"] == 300 * 16 * 64 and summary["hardware"]
+    assert summary["tokens_seen"] == TINY_STEPS * 16 * 64 and summary["hardware"]
 
 
 def train_losses(run: Path) -> list[float]:

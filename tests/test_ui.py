@@ -101,6 +101,7 @@ def test_words_need_a_model_trained_on_requests(api, app_with):
     assert len(at.error) == 2 and all("API error 422" in e.value and "words" in e.value for e in at.error)
 
 
+@pytest.mark.slow  # a server of its own (make test runs it)
 def test_words_box_puts_the_request_in_front_of_the_prompt(story_model, app_with):
     with server(story_model) as url:
         at = app_with(url)
