@@ -1,15 +1,17 @@
 """Every figure of the bundled model's card, for the bundled model and candidates to replace it.
 
-    cd benchmarks && python bundled_model.py --data ../runs/v2/data --card-text ../runs/card/val-120k.txt \
-        default ../runs/v2/run/best [--json bundled-model.json]
+    cd benchmarks && python bundled_model.py --data ../runs/v4/data default ../runs/v4/run/best \
+        [--json bundled-model.json]
 
-1. The card's slice: bits/byte of `--card-text` (`slm eval`'s sliding window).
+1. The card's slice: bits/byte (`slm eval`'s sliding window) of the first CARD_BYTES bytes of the
+   children-books validation documents of `--data` (or of `--card-text`; `--write-card-text` saves the slice).
 2. Per input: bits/byte of each plain input's validation documents in `--data` (first --max-tokens of each;
    eval_sources.py). The data must hold out what the bundled model held out (same inputs, order, --val-fraction
    0.02, --seed 0), so no model here trained on any of it.
 3. Requested words: `--requests` word triples of validation stories (tinystories-sample and fables), 200 tokens at
    temperature 0.8 (instruct_words.py). A model with the words-v1 template gets the header; one without it the
-   plain-English request.
+   plain-English request. Twice: the model alone (word boost 0), and with decoding steered toward the words at
+   the default boost (slm.instruct.WORD_BOOST).
 4. Greedy stories: each example prompt, greedy with the playground's repetition penalty and max new tokens;
    counted: sentences, and sentences that repeat an earlier one.
 """
@@ -27,10 +29,12 @@ from instruct_words import inclusion, requests_from, write_stories
 from slm import checkpoint
 from slm.evaluate import evaluate_text
 from slm.generation import Engine, SamplingParams
+from slm.instruct import WORD_BOOST
 
 EXAMPLE_PROMPTS = ["Once upon a time", "The little rabbit", "A little girl went to the woods",
                    "The king had three sons", "One day, a fox"]  # the card's sample prompts
 PLAYGROUND = {"repetition_penalty": 1.1, "max_new_tokens": 100}  # slm.ui.app's defaults
+CARD_BYTES = 471_733  # the card's slice: two books, as every card since the first has scored it
 SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’]?\s+")
 
 
@@ -66,23 +70,32 @@ def greedy_stories(model: str) -> list[dict]:
     return rows
 
 
+def card_slice(books: list[str]) -> str:
+    """The first CARD_BYTES bytes of the children-books validation documents, as decoded from val.bin."""
+    return "<|endoftext|>".join(books).encode("utf-8")[:CARD_BYTES].decode("utf-8", errors="ignore")
+
+
 def measure(model: str, card_text: str, plain: dict[str, list[str]], requests: list[tuple[str, ...]],
             tokens: int) -> dict:
     net, tokenizer = checkpoint.load(model)
     header = checkpoint.template(model) is not None
-    card = evaluate_text(net, tokenizer, [Path(card_text).read_text(encoding="utf-8")], "card")["bits_per_byte"]
+    card = evaluate_text(net, tokenizer, [card_text], "card")["bits_per_byte"]
     bpb = {name: evaluate_text(net, tokenizer, docs, name)["bits_per_byte"] for name, docs in plain.items()}
-    texts = write_stories(model, requests, header, tokens)
+    alone = write_stories(model, requests, header, tokens)
+    steered = write_stories(model, requests, header, tokens, word_boost=WORD_BOOST)
     return {"model": model, "prompt": "header" if header else "plain English", "card_slice": card, "bpb": bpb,
-            **inclusion(texts, requests), "greedy": greedy_stories(model),
-            "word_samples": [(list(w), t) for w, t in zip(requests[:3], texts[:3], strict=True)]}
+            **inclusion(alone, requests), "steered": {"word_boost": WORD_BOOST, **inclusion(steered, requests)},
+            "greedy": greedy_stories(model),
+            "word_samples": [(list(w), t) for w, t in zip(requests[:3], alone[:3], strict=True)],
+            "steered_samples": [(list(w), t) for w, t in zip(requests[:3], steered[:3], strict=True)]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+")
     ap.add_argument("--data", required=True)
-    ap.add_argument("--card-text", required=True)
+    ap.add_argument("--card-text", help="score this text as the card's slice instead of the one from --data")
+    ap.add_argument("--write-card-text", help="save the card's slice to this file")
     ap.add_argument("--max-tokens", type=int, default=100_000)
     ap.add_argument("--requests", type=int, default=100)
     ap.add_argument("--tokens", type=int, default=200)
@@ -91,17 +104,22 @@ def main() -> None:
     docs = source_documents(args.data, 10**9)
     requests = requests_from(docs["tinystories-sample"] + docs["fables"], args.requests)
     plain = {k: v for k, v in source_documents(args.data, args.max_tokens).items() if not k.startswith("instruct")}
+    card = Path(args.card_text).read_text(encoding="utf-8") if args.card_text else card_slice(docs["children-books"])
+    if args.write_card_text:
+        Path(args.write_card_text).write_text(card, encoding="utf-8")
     rows = []
     for model in args.models:
-        rows.append(measure(model, args.card_text, plain, requests, args.tokens))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("greedy", "word_samples")}), flush=True)
+        rows.append(measure(model, card, plain, requests, args.tokens))
+        print(json.dumps({k: v for k, v in rows[-1].items() if "samples" not in k and k != "greedy"}), flush=True)
     names = list(plain)
-    print(f"\n| model | card slice | {' | '.join(names)} | words used | all three | greedy: sentences (repeated) |")
+    print(f"\n| model | card slice | {' | '.join(names)} | words used (alone / steered) | all three (alone / steered) "
+          "| greedy: sentences (repeated) |")
     print("|---" * (5 + len(names)) + "|")
     for r in rows:
         greedy = ", ".join(f"{g['sentences']} ({g['repeated']})" for g in r["greedy"])
         print(f"| {r['model']} | {r['card_slice']:.3f} | " + " | ".join(f"{r['bpb'][n]:.3f}" for n in names)
-              + f" | {r['words_used']:.1%} | {r['all_three']:.1%} | {greedy} |")
+              + f" | {r['words_used']:.1%} / {r['steered']['words_used']:.1%} | {r['all_three']:.1%} / "
+              f"{r['steered']['all_three']:.1%} | {greedy} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1) + "\n", encoding="utf-8")
 

@@ -61,16 +61,22 @@ def requests_from(stories: list[str], n: int) -> list[tuple[str, ...]]:
     return out
 
 
-def write_stories(model: str, requests: list[tuple[str, ...]], header: bool, tokens: int) -> list[str]:
+def request_prompt(words: tuple[str, ...], header: bool) -> str:
+    return instruct.header(instruct.make_request(words)) if header else PLAIN_PROMPT.format(*words)
+
+
+def write_stories(model: str, requests: list[tuple[str, ...]], header: bool, tokens: int,
+                  word_boost: float = 0.0) -> list[str]:
+    """One story per request; ``word_boost`` > 0 steers decoding toward the words (slm.instruct.WordGuide),
+    0 measures the model alone."""
     net, tokenizer = checkpoint.load(model)
     engine = Engine(net, tokenizer, max_batch=16)
     texts = []
     for start in range(0, len(requests), 16):
         seqs = []
         for i, words in enumerate(requests[start : start + 16], start):
-            prompt = instruct.header(instruct.make_request(words)) if header else PLAIN_PROMPT.format(*words)
-            params = SamplingParams(max_new_tokens=tokens, temperature=0.8, seed=i)
-            seqs.append(engine.add(tokenizer.encode(prompt), params))
+            params = SamplingParams(max_new_tokens=tokens, temperature=0.8, seed=i, words=words, word_boost=word_boost)
+            seqs.append(engine.add(tokenizer.encode(request_prompt(words, header)), params))
         while not all(s.finished for s in seqs):
             engine.step()
         texts += [s.text for s in seqs]

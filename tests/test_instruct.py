@@ -15,6 +15,7 @@ import torch
 from conftest import slm_cli
 from slm import checkpoint, instruct
 from slm.data import BatchSampler, open_mask, open_tokens, prepare, trains_on_instruct
+from slm.errors import SlmError
 from slm.generation import Engine, SamplingParams
 from slm.tokenizer import Tokenizer
 from slm.train import TrainConfig, train
@@ -183,6 +184,45 @@ def test_a_model_trained_with_the_template_uses_the_words(tmp_path):
     assert rate_with >= 0.6 and rate_with >= rate_without + 0.3, (rate_with, rate_without)
 
 
+# ---- steering decoding toward the words ------------------------------------------------------------------
+SPELLINGS = {" fox": [1], " Fox": [2], " lantern": [3, 4, 5], " Lantern": [6, 4, 5]}
+
+
+def test_word_guide_boosts_unused_words_and_finishes_started_ones():
+    guide = instruct.WordGuide(SPELLINGS.__getitem__, ["fox", "lantern"], boost=5.0)
+    assert guide.bias([]) == {1: 5.0, 2: 5.0, 3: 5.0, 6: 5.0}  # each spelling's first token
+    assert guide.bias([9, 3]) == {4: 5.0} and guide.bias([9, 3, 4]) == {5: 5.0}  # a started word is finished
+    assert guide.bias([9, 4]) == guide.bias([])  # a middle token alone starts nothing
+    guide.update("Once there was a fox")
+    assert guide.unused == ["lantern"] and guide.bias([]) == {3: 5.0, 6: 5.0}
+    guide.update("and two lanterns.")  # an inflection uses the word too
+    assert guide.unused == [] and guide.bias([3]) == {}
+
+
+def greedy_words(model_dir: Path, words: tuple[str, ...], boost: float) -> str:
+    model, tokenizer = checkpoint.load(model_dir)
+    engine = Engine(model, tokenizer, max_batch=1)
+    seq = engine.add(tokenizer.encode("Once"), SamplingParams(max_new_tokens=60, temperature=0, stop_at_eot=False,
+                                                              words=words, word_boost=boost))
+    while not seq.finished:
+        engine.step()
+    return seq.text
+
+
+def test_the_boost_writes_words_the_model_never_saw(story_model):
+    words = ("lantern", "kite")  # not in the tiny model's corpus, and several tokens each in its 512-token BPE
+    assert instruct.used_words(greedy_words(story_model, words, 0.0), words) == [False, False]
+    steered = greedy_words(story_model, words, instruct.WORD_BOOST_RANGE[1])
+    assert instruct.used_words(steered, words) == [True, True], steered
+
+
+def test_bad_word_boost_is_refused():
+    with pytest.raises(SlmError, match="word_boost must be between 0 and 20"):
+        SamplingParams(words=("fox",), word_boost=21)
+    with pytest.raises(SlmError, match="'f0x' is not a word"):
+        SamplingParams(words=("f0x",))
+
+
 # ---- asking for words: CLI and API -----------------------------------------------------------------------
 def test_generate_words_builds_the_prompt(story_model):
     r = slm_cli("generate", "--model", str(story_model), "--words", "fox,cake", "--features", "dialogue",
@@ -219,7 +259,7 @@ def test_api_words_change_the_prompt_and_show_it(story_model):
         ids = Tokenizer.load(story_model).encode("Once")
         for prompt in ("Once", ids):
             r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "words": ["fox", "cake"],
-                                                          "temperature": 0, "max_tokens": 8})
+                                                          "word_boost": 0, "temperature": 0, "max_tokens": 8})
             assert r.status_code == 200, r.text
             choice = r.json()["choices"][0]
             assert choice["prompt"] == head + "Once"
@@ -228,3 +268,9 @@ def test_api_words_change_the_prompt_and_show_it(story_model):
                                                               "max_tokens": 8})
             assert choice["text"] == whole.json()["choices"][0]["text"]
             assert r.json()["usage"]["prompt_tokens"] == whole.json()["usage"]["prompt_tokens"]
+        steered = httpx.post(f"{url}/predict", json={"input_text": "Once", "words": ["lantern"], "word_boost": 20,
+                                                     "temperature": 0, "max_new_tokens": 40})
+        assert steered.status_code == 200 and steered.json()["settings"]["word_boost"] == 20
+        assert instruct.used_words(steered.json()["result"], ["lantern"]) == [True], steered.text
+        bad = httpx.post(f"{url}/v1/completions", json={"prompt": "Once", "words": ["fox"], "word_boost": 21})
+        assert bad.status_code == 422 and "word_boost" in bad.text, bad.text

@@ -150,7 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompt, words = story_prompt(args)
     given = {name: getattr(args, name) for name in args.sampling_flags if getattr(args, name) is not None}
-    params = SamplingParams(**given, stop=tuple(args.stop or ()))
+    params = SamplingParams(**given, stop=tuple(args.stop or ()), words=words)
     model, tokenizer = _load_model(args.model, args.threads)
     ids = tokenizer.encode(prompt)
     engine = Engine(model, tokenizer, max_batch=1, use_cache=not args.no_kv_cache,

@@ -17,6 +17,7 @@ import torch
 
 from slm.config import setting
 from slm.errors import SlmError
+from slm.instruct import WORD_BOOST, WORD_BOOST_RANGE, WordGuide, make_request
 from slm.kv_cache import KVCache
 from slm.model import GPT
 from slm.native import decoder_for as native_decoder
@@ -65,6 +66,9 @@ class SamplingParams:
     repetition_penalty: float = setting(1.0, "> 1 discourages tokens already in the prompt or output (CTRL's and "
                                         "transformers': a seen token's logit / p if > 0, x p if < 0)")
     min_p: float | None = setting(None, "keep tokens with probability >= MIN_P x the top token's")
+    words: tuple[str, ...] = ()  # requested words that decoding steers toward until used (slm.instruct.WordGuide)
+    word_boost: float = setting(WORD_BOOST, f"with requested words: logit added to a word's next token until the "
+                                f"text uses it ({WORD_BOOST_RANGE[0]:g}..{WORD_BOOST_RANGE[1]:g}; 0 = the model alone)")
 
     @property
     def penalised(self) -> bool:
@@ -92,6 +96,10 @@ class SamplingParams:
                                   f"got {self.repetition_penalty}")
         if self.min_p is not None and not MIN_P_RANGE[0] <= self.min_p <= MIN_P_RANGE[1]:
             raise GenerationError(f"min_p must be in [{MIN_P_RANGE[0]:g}, {MIN_P_RANGE[1]:g}], got {self.min_p}")
+        self.words = make_request(tuple(self.words)).words  # InstructError names a bad word
+        if not WORD_BOOST_RANGE[0] <= self.word_boost <= WORD_BOOST_RANGE[1]:
+            raise GenerationError(f"word_boost must be between {WORD_BOOST_RANGE[0]:g} and {WORD_BOOST_RANGE[1]:g} "
+                                  f"(0 = off), got {self.word_boost}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(s for s in self.stop if s)
@@ -158,6 +166,7 @@ class SequenceState:
     text_decoder: StreamDecoder | None = None  # token ids to text (not to be confused with the decode step)
     counts: torch.Tensor | None = None  # [vocab] generated-token counts, kept only when penalties are on
     seen: torch.Tensor | None = None  # [vocab] tokens in the prompt or generated, likewise
+    guide: WordGuide | None = None  # steers toward the requested words (params.words with a boost > 0)
 
     def take_text(self) -> str:
         """New text since the last call; holds back what may still turn into a stop string."""
@@ -242,6 +251,10 @@ class Engine:
             seq.counts = torch.zeros(vocab)
             seq.seen = torch.zeros(vocab, dtype=torch.bool)
             seq.seen[prompt] = True
+        if params.words and params.word_boost > 0:
+            if self.tokenizer is None:
+                raise GenerationError("requested words need the engine's tokenizer (to find their tokens)")
+            seq.guide = WordGuide(self.tokenizer.encode, params.words, params.word_boost)
         self.active.append(seq)
         return seq
 
@@ -262,6 +275,10 @@ class Engine:
             counts = torch.stack([s.counts for s in rows]).to(logits.device)
             seen = torch.stack([s.seen for s in rows]).to(logits.device)
             logits[penalised] = apply_penalties(logits[penalised], counts, seen, [s.params for s in rows])
+        for i, seq in enumerate(self.active):  # after the penalties, which the header's words would draw
+            if seq.guide is not None:
+                for token, boost in seq.guide.bias(seq.generated).items():
+                    logits[i, token] += boost
         produced = []
         greedy = [i for i, s in enumerate(self.active) if s.params.temperature == 0]
         tokens = [0] * len(self.active)
@@ -345,6 +362,8 @@ class Engine:
             seq.generated.append(token)
             if seq.text_decoder is not None:
                 seq.text += seq.text_decoder.push(token)
+                if seq.guide is not None:
+                    seq.guide.update(seq.text)
                 if params.stop:
                     hits = [i for i in (seq.text.find(s, max(0, seq.emitted - len(s))) for s in params.stop)
                             if i >= 0]

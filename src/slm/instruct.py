@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from slm.errors import SlmError
@@ -146,3 +147,44 @@ def used_words(story: str, words: tuple[str, ...] | list[str]) -> list[bool]:
     """For each requested word: whether it, or a simple inflection of it, appears in the story."""
     stems = {stem(m.group()) for m in WORD_RE.finditer(story)}
     return [stem(w) in stems for w in words]
+
+
+# ---- decoding: steering toward the requested words ------------------------------------------------------
+WORD_BOOST = 4.0  # logit added by default (benchmarks/word_boost.py measured the trade-off; docs/fine-tuning.md)
+WORD_BOOST_RANGE = (0.0, 20.0)
+USED_TAIL_CHARS = 100  # a word just finished lies in this much of the text's end (MAX_WORD_CHARS and inflections)
+
+
+class WordGuide:
+    """Steers one sequence's decoding toward the requested words it has not used yet (lexically guided
+    decoding: the small models hardly use the header's words on their own, see the bundled model's card).
+
+    Each step, every unused word's first token gets ``boost`` added to its logit, for the word with a space in
+    front, lower-case and capitalised; when the text already ends with the start of such a spelling, only its
+    next token gets it, so a started word is finished. A word stops being boosted once the text uses it (or an
+    inflection: :func:`used_words`)."""
+
+    def __init__(self, encode: Callable[[str], list[int]], words: Sequence[str], boost: float) -> None:
+        self.boost = boost
+        self.unused = list(words)
+        self.spellings = {w: [ids for ids in (encode(" " + w), encode(" " + w.capitalize())) if ids]
+                          for w in words}
+
+    def bias(self, generated: Sequence[int]) -> dict[int, float]:
+        """Token id -> logit boost for the next token: the next tokens of the words the text has started, or
+        when none is started, the first tokens of all unused words."""
+        starts, nexts = {}, {}
+        for word in self.unused:
+            for ids in self.spellings[word]:
+                starts[ids[0]] = self.boost
+                for k in range(min(len(ids) - 1, len(generated)), 0, -1):  # the longest started prefix
+                    if list(generated[-k:]) == ids[:k]:
+                        nexts[ids[k]] = self.boost
+                        break
+        return nexts or starts
+
+    def update(self, text: str) -> None:
+        """Forget the words the text (its end, where anything new is) now uses."""
+        if self.unused:
+            used = used_words(text[-USED_TAIL_CHARS:], self.unused)
+            self.unused = [w for w, u in zip(self.unused, used, strict=True) if not u]

@@ -244,7 +244,7 @@ async def health(s: Served = Depends(served)):
 async def predict(body: PredictRequest, http: Request, s: Served = Depends(served)):
     until = deadline(s)
     params = sampling_params(s, "max_new_tokens", body.max_new_tokens, body.temperature, body.top_k, body.top_p,
-                             body.seed, controls=body.controls())
+                             body.seed, controls=body.controls() | body.guidance())
     prompt = story_header(s, body) + body.input_text
     ids = await encode_prompt(s, prompt, "input_text")
     started = time.perf_counter()
@@ -257,7 +257,8 @@ async def predict(body: PredictRequest, http: Request, s: Served = Depends(serve
         generated_tokens=n, tokens_per_second=round(n / seconds, 2) if seconds > 0 else 0.0,
         finish_reason=seq.finish_reason or "length", prompt_truncated_tokens=seq.prompt_truncated,
         settings={"max_new_tokens": body.max_new_tokens, "temperature": body.temperature, "top_k": body.top_k,
-                  "top_p": body.top_p, "seed": body.seed, "kv_cache": body.model_type != "basic", **body.controls()},
+                  "top_p": body.top_p, "seed": body.seed, "kv_cache": body.model_type != "basic", **body.controls(),
+                  **({"word_boost": body.word_boost} if body.words else {})},
     )
 
 
@@ -365,7 +366,7 @@ async def completions(body: CompletionRequest, http: Request, s: Served = Depend
     params = None
     if body.max_tokens > 0:
         params = sampling_params(s, "max_tokens", body.max_tokens, body.temperature, body.top_k, body.top_p,
-                                 body.seed, body.stop, body.ignore_eos, body.controls())
+                                 body.seed, body.stop, body.ignore_eos, body.controls() | body.guidance())
     prompts = body.prompts()
     # Every prompt is checked before any is submitted, so a bad one costs no generation.
     fields = ["prompt"] if len(prompts) == 1 else [f"prompt[{i}]" for i in range(len(prompts))]

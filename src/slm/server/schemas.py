@@ -27,7 +27,15 @@ from slm.generation import (
     SamplingParams,
     temperature_ok,
 )
-from slm.instruct import FEATURES, MAX_WORD_CHARS, MAX_WORDS, WORD_RE, StoryRequest, make_request
+from slm.instruct import (
+    FEATURES,
+    MAX_WORD_CHARS,
+    MAX_WORDS,
+    WORD_BOOST_RANGE,
+    WORD_RE,
+    StoryRequest,
+    make_request,
+)
 
 # The model variants the server runs (server/app.py builds them): the trained model with its KV cache (what
 # /v1/completions serves), the same model recomputing every token, and a random model of its shape.
@@ -85,9 +93,16 @@ class StoryFields(BaseModel):
 
     words: list[Word] = Field(default_factory=list, max_length=MAX_WORDS)
     features: list[Feature] = Field(default_factory=list, max_length=len(FEATURES))
+    word_boost: float = Field(SamplingParams.word_boost, ge=WORD_BOOST_RANGE[0], le=WORD_BOOST_RANGE[1],
+                              allow_inf_nan=False, description="with words: logit added to a requested word's next "
+                              "token until the story uses it (0 = the model alone)")
 
     def story_request(self) -> StoryRequest:
         return make_request(self.words, self.features)
+
+    def guidance(self) -> dict:
+        """SamplingParams' fields that steer decoding toward the words."""
+        return {"words": tuple(self.words), "word_boost": self.word_boost}
 
 
 class PredictRequest(RepetitionControls, StoryFields):

@@ -99,7 +99,8 @@ def stream_cached(prompt: str, settings: dict, story: dict, placeholder) -> dict
 def story_request() -> dict:
     """The words (and features) the story should have: the API's "words" and "features" fields."""
     words = st.text_input("Words to use (optional, comma-separated)", "", key="words",
-                          help="for models trained on requests (slm prepare --instruct): the story should use them")
+                          help="for models trained on requests (slm prepare --instruct): the story should use them "
+                          "(the header asks for them; decoding steers toward them until used)")
     dialogue = st.checkbox("with dialogue", key="dialogue")
     story = {"words": [w.strip() for w in words.split(",") if w.strip()]}
     if dialogue:
