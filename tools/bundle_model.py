@@ -28,11 +28,19 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def joined_metrics(earlier: list[dict], run: list[dict], start: dict) -> list[dict]:
-    """Earlier legs up to the starting step, then this run's points counted on from the starting model."""
-    legs = max((m.get("leg", 1) for m in earlier), default=0)
-    before = [{**m, "leg": m.get("leg", 1)} for m in earlier if m["step"] <= start["steps"]]
+    """Earlier legs up to the starting step, then this run's points counted on from the starting model.
+
+    ``start`` counts in the starting model's own leg (its run's steps and tokens), the last one in
+    ``earlier``; that leg began where the legs before it end (a bundled file keeps only their points up to
+    the checkpoint the next leg started from)."""
+    earlier = [{**m, "leg": m.get("leg", 1)} for m in earlier]
+    legs = max((m["leg"] for m in earlier), default=0)
+    previous = [m for m in earlier if m["leg"] < legs]
+    steps = max((m["step"] for m in previous), default=0) + start["steps"]
+    tokens = max((m["tokens"] for m in previous), default=0) + start["tokens_seen"]
+    before = [m for m in earlier if m["leg"] < legs or m["step"] <= steps]
     elapsed = max((m["elapsed"] for m in before), default=0.0)
-    after = [{**m, "step": m["step"] + start["steps"], "tokens": m["tokens"] + start["tokens_seen"],
+    after = [{**m, "step": m["step"] + steps, "tokens": m["tokens"] + tokens,
               "elapsed": round(m["elapsed"] + elapsed, 1), "leg": legs + 1} for m in run]
     return before + after
 
