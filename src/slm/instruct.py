@@ -150,7 +150,7 @@ def used_words(story: str, words: tuple[str, ...] | list[str]) -> list[bool]:
 
 
 # ---- decoding: steering toward the requested words ------------------------------------------------------
-WORD_BOOST = 4.0  # logit added by default (benchmarks/word_boost.py measured the trade-off; docs/fine-tuning.md)
+WORD_BOOST = 6.0  # the default: 80% of the requested words used (benchmarks/word_boost.py, docs/fine-tuning.md)
 WORD_BOOST_RANGE = (0.0, 20.0)
 USED_TAIL_CHARS = 100  # a word just finished lies in this much of the text's end (MAX_WORD_CHARS and inflections)
 
