@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 from eval_sources import source_documents
-from instruct_words import inclusion, requests_from, write_stories
+from instruct_words import inclusion, validation_requests, write_stories
 
 from slm import checkpoint
 from slm.evaluate import evaluate_text
@@ -101,10 +101,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--json")
     args = ap.parse_args()
-    docs = source_documents(args.data, 10**9)
-    requests = requests_from(docs["tinystories-sample"] + docs["fables"], args.requests)
+    requests = validation_requests(args.data, args.requests)
     plain = {k: v for k, v in source_documents(args.data, args.max_tokens).items() if not k.startswith("instruct")}
-    card = Path(args.card_text).read_text(encoding="utf-8") if args.card_text else card_slice(docs["children-books"])
+    books = source_documents(args.data, 10**9)["children-books"]
+    card = Path(args.card_text).read_text(encoding="utf-8") if args.card_text else card_slice(books)
     if args.write_card_text:
         Path(args.write_card_text).write_text(card, encoding="utf-8")
     rows = []

@@ -61,6 +61,12 @@ def requests_from(stories: list[str], n: int) -> list[tuple[str, ...]]:
     return out
 
 
+def validation_requests(data_dir: str, n: int) -> list[tuple[str, ...]]:
+    """``n`` word triples of the validation stories (tinystories-sample and fables) of a prepared data dir."""
+    docs = source_documents(data_dir, 10**9)
+    return requests_from(docs["tinystories-sample"] + docs["fables"], n)
+
+
 def request_prompt(words: tuple[str, ...], header: bool) -> str:
     return instruct.header(instruct.make_request(words)) if header else PLAIN_PROMPT.format(*words)
 

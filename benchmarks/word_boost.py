@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 from bundled_model import repeated, sentences
-from eval_sources import source_documents
-from instruct_words import inclusion, request_prompt, requests_from, write_stories
+from instruct_words import inclusion, request_prompt, validation_requests, write_stories
 
 from slm import checkpoint
 
@@ -56,8 +55,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--json")
     args = ap.parse_args()
-    docs = source_documents(args.data, 10**9)
-    requests = requests_from(docs["tinystories-sample"] + docs["fables"], args.requests)
+    requests = validation_requests(args.data, args.requests)
     prompts = [request_prompt(words, header=True) for words in requests]
     rows = []
     for boost in map(float, args.boosts.split(",")):
