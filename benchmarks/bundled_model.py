@@ -19,21 +19,32 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 from pathlib import Path
+from types import ModuleType
 
 from eval_sources import source_documents
 from instruct_words import inclusion, validation_requests, write_stories
 
+import slm
 from slm import checkpoint
 from slm.evaluate import evaluate_text
 from slm.generation import Engine, SamplingParams
 from slm.instruct import WORD_BOOST
 
-EXAMPLE_PROMPTS = ["Once upon a time", "The little rabbit", "A little girl went to the woods",
-                   "The king had three sons", "One day, a fox"]  # the card's sample prompts
-PLAYGROUND = {"repetition_penalty": 1.1, "max_new_tokens": 100}  # slm.ui.app's defaults
+
+def load_playground() -> ModuleType:
+    """The playground's script as a module (not run: it draws only as __main__), for its example prompts and
+    defaults, so that the figures here are measured with what the user gets."""
+    spec = importlib.util.spec_from_file_location("slm_playground", Path(slm.__file__).parent / "ui" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PLAYGROUND = load_playground()
 CARD_BYTES = 471_733  # the card's slice: two books, as every card since the first has scored it
 SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’]?\s+")
 
@@ -55,16 +66,17 @@ def repeated(parts: list[str]) -> int:
     return count
 
 
-def greedy_stories(model: str) -> list[dict]:
-    net, tokenizer = checkpoint.load(model)
-    engine = Engine(net, tokenizer, max_batch=len(EXAMPLE_PROMPTS))
-    params = SamplingParams(max_new_tokens=PLAYGROUND["max_new_tokens"], temperature=0.0,
-                            repetition_penalty=PLAYGROUND["repetition_penalty"])
-    seqs = [engine.add(tokenizer.encode(p), params) for p in EXAMPLE_PROMPTS]
+def greedy_stories(net, tokenizer, controls: dict | None = None) -> list[dict]:
+    """Greedy answers to the playground's example prompts, at its defaults or at `controls` (penalties)."""
+    prompts = PLAYGROUND.EXAMPLE_PROMPTS
+    engine = Engine(net, tokenizer, max_batch=len(prompts))
+    controls = controls or {"repetition_penalty": PLAYGROUND.REPETITION_DEFAULT}
+    params = SamplingParams(max_new_tokens=PLAYGROUND.MAX_NEW_DEFAULT, temperature=0.0, **controls)
+    seqs = [engine.add(tokenizer.encode(p), params) for p in prompts]
     while not all(s.finished for s in seqs):
         engine.step()
     rows = []
-    for prompt, seq in zip(EXAMPLE_PROMPTS, seqs, strict=True):
+    for prompt, seq in zip(prompts, seqs, strict=True):
         parts = sentences(prompt + seq.text)
         rows.append({"prompt": prompt, "text": seq.text, "sentences": len(parts), "repeated": repeated(parts)})
     return rows
@@ -85,7 +97,7 @@ def measure(model: str, card_text: str, plain: dict[str, list[str]], requests: l
     steered = write_stories(model, requests, header, tokens, word_boost=WORD_BOOST)
     return {"model": model, "prompt": "header" if header else "plain English", "card_slice": card, "bpb": bpb,
             **inclusion(alone, requests), "steered": {"word_boost": WORD_BOOST, **inclusion(steered, requests)},
-            "greedy": greedy_stories(model),
+            "greedy": greedy_stories(net, tokenizer),
             "word_samples": [(list(w), t) for w, t in zip(requests[:3], alone[:3], strict=True)],
             "steered_samples": [(list(w), t) for w, t in zip(requests[:3], steered[:3], strict=True)]}
 

@@ -1,8 +1,9 @@
 """Choose the playground's repetition-control defaults by measurement.
 
-    python benchmarks/penalty_sweep.py --model default --text runs/card/val-120k.txt [--json OUT]
+    cd benchmarks && python penalty_sweep.py --model default --text ../runs/card/card.txt [--json OUT]
 
-For each (repetition_penalty, frequency_penalty) on a grid, two numbers:
+(the card's slice: `python bundled_model.py --data DIR --write-card-text ../runs/card/card.txt default`.)
+For each (repetition_penalty, frequency_penalty) on a grid, three numbers:
 
 - **repeats**: the share of repeated token 3-grams in what the model writes, greedy and at the playground's
   sampling settings (temperature 0.8), over a fixed prompt set. Loops show up here.
@@ -11,6 +12,8 @@ For each (repetition_penalty, frequency_penalty) on a grid, two numbers:
   the prompt, the other 128 (about the playground's 100-token answers) the "generated" tokens that the
   penalties count. Real text repeats words
   too ("the", names), so a penalty that is too strong makes real text less likely: this is its price.
+- **greedy stories**: the playground's example prompts answered greedily at its max new tokens
+  (bundled_model.py): the fewest sentences of the five, and how many sentences repeat an earlier one in all.
 
 A good default removes most loops at a small held-out cost.
 """
@@ -23,6 +26,7 @@ import math
 from pathlib import Path
 
 import torch
+from bundled_model import greedy_stories
 
 from slm.checkpoint import load
 from slm.generation import SamplingParams, apply_penalties, generate
@@ -93,19 +97,23 @@ def main() -> None:
         for freq in FREQUENCY:
             controls = {"repetition_penalty": rep, "frequency_penalty": freq}
             nll = sum(penalised_nll(lg, w, controls, vocab) for lg, w in zip(logits, windows, strict=True))
+            stories = greedy_stories(model, tokenizer, controls)
             rows.append({**controls, "heldout_bpb": nll / math.log(2) / n_bytes,
                          "greedy_repeats": repeats(model, tokenizer, controls, 0.0, args.new_tokens, 1),
-                         "sampled_repeats": repeats(model, tokenizer, controls, 0.8, args.new_tokens, args.seeds)})
+                         "sampled_repeats": repeats(model, tokenizer, controls, 0.8, args.new_tokens, args.seeds),
+                         "story_sentences": [s["sentences"] for s in stories],
+                         "story_repeated": sum(s["repeated"] for s in stories)})
             print(rows[-1], flush=True)
     base = rows[0]["heldout_bpb"]
     print(f"\n{args.model}: {len(PROMPTS)} prompts x {args.new_tokens} tokens (sampled: temperature 0.8, "
           f"{args.seeds} seeds); held-out: {len(windows)} windows of {context}, {n_bytes:,} bytes\n")
     print("| repetition_penalty | frequency_penalty | repeated 3-grams, greedy | repeated 3-grams, T=0.8 | "
-          "held-out bits/byte | cost |")
-    print("|---|---|---|---|---|---|")
+          "held-out bits/byte | cost | example stories: sentences (fewest) | repeated sentences |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['repetition_penalty']} | {r['frequency_penalty']} | {r['greedy_repeats']:.1%} | "
-              f"{r['sampled_repeats']:.1%} | {r['heldout_bpb']:.4f} | {r['heldout_bpb'] - base:+.4f} |")
+              f"{r['sampled_repeats']:.1%} | {r['heldout_bpb']:.4f} | {r['heldout_bpb'] - base:+.4f} | "
+              f"{min(r['story_sentences'])} | {r['story_repeated']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
 

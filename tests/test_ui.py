@@ -77,6 +77,16 @@ def test_untrained_alone_has_no_speedup(api, app_with):
     assert len(at.metric) == 0 and any("tokens/s" in c.value for c in at.caption)
 
 
+def test_example_prompt_fills_the_prompt_box(app_with):
+    at = app_with(f"http://127.0.0.1:{free_port()}")  # no request is made: only the prompt box changes
+    examples = at.selectbox(key="example").options
+    assert len(examples) >= 3 and examples[0] == at.text_area(key="prompt").value
+    at.selectbox(key="example").set_value(examples[2]).run()
+    assert not at.exception and at.text_area(key="prompt").value == examples[2]
+    at.text_area(key="prompt").input("My own start").run()  # typing afterwards still wins
+    assert at.text_area(key="prompt").value == "My own start"
+
+
 def test_unreachable_api_shows_a_readable_error(app_with):
     at = run_prompt(app_with(f"http://127.0.0.1:{free_port()}"), "Once", ["basic", "cached"])
     assert not at.exception

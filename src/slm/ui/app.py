@@ -20,6 +20,11 @@ API_URL = os.environ.get("SLM_API_URL", "http://127.0.0.1:8000").rstrip("/")
 # Chosen by benchmarks/penalty_sweep.py on the bundled model: 1.1 cuts repeated 3-grams in greedy answers from
 # 47% to 13% for 0.013 bits/byte of held-out likelihood; stronger settings cost more (README, "Repetition control").
 REPETITION_DEFAULT = 1.1
+TEMPERATURE_DEFAULT = 0.8
+MAX_NEW_DEFAULT = 100
+# Starting points for the prompt box; the model card's samples and benchmarks/bundled_model.py use the same ones.
+EXAMPLE_PROMPTS = ["Once upon a time", "The little rabbit", "A little girl went to the woods",
+                   "The king had three sons", "One day, a fox"]
 API_KEY = os.environ.get("SLM_API_KEY", "")
 LABELS = {"untrained": "Untrained (random weights)", "basic": "Trained, no KV cache", "cached": "Trained + KV cache"}
 ORDER = ["untrained", "basic", "cached"]
@@ -110,8 +115,9 @@ def story_request() -> dict:
 
 def sidebar() -> dict:
     st.sidebar.header("Generation settings")
-    max_new = st.sidebar.slider("Max new tokens", 1, 512, 100, key="max_new_tokens")
-    temperature = st.sidebar.slider("Temperature (0 = greedy)", 0.0, 2.0, 0.8, 0.05, key="temperature")
+    max_new = st.sidebar.slider("Max new tokens", 1, 512, MAX_NEW_DEFAULT, key="max_new_tokens")
+    temperature = st.sidebar.slider("Temperature (0 = greedy)", 0.0, 2.0, TEMPERATURE_DEFAULT, 0.05,
+                                    key="temperature")
     top_k = st.sidebar.slider("Top-k (0 = off)", 0, 200, 0, key="top_k")
     top_p = st.sidebar.slider("Top-p", 0.05, 1.0, 1.0, 0.05, key="top_p")
     seed = st.sidebar.number_input("Seed (same seed, same text)", 0, 2**31 - 1, 42, key="seed")
@@ -130,13 +136,26 @@ def sidebar() -> dict:
             "presence_penalty": float(presence)}
 
 
+def use_example() -> None:
+    """Put the chosen example into the prompt box (a callback: it runs before the box is drawn again)."""
+    if st.session_state.example:
+        st.session_state.prompt = st.session_state.example
+
+
+def prompt_box() -> str:
+    st.selectbox("Example prompts", EXAMPLE_PROMPTS, index=None, placeholder="start from an example...",
+                 key="example", on_change=use_example)
+    st.session_state.setdefault("prompt", EXAMPLE_PROMPTS[0])  # set here, not as the widget's value: see use_example
+    return st.text_area("Prompt", key="prompt", height=100)
+
+
 def main() -> None:
     st.set_page_config(page_title="slm playground", page_icon="📖", layout="wide")
     st.title("slm playground")
     st.caption("A small GPT trained from scratch, the one the API serves. Compare an untrained model of its "
                "shape, the trained model without a KV cache, and the same model with one.")
     settings = sidebar()
-    prompt = st.text_area("Prompt", "Once upon a time", key="prompt", height=100)
+    prompt = prompt_box()
     story = story_request()
     chosen = st.multiselect("Models", ORDER, default=["basic", "cached"], format_func=lambda m: LABELS[m],
                             key="models")
@@ -177,4 +196,5 @@ def main() -> None:
         st.bar_chart(chart, horizontal=True)
 
 
-main()
+if __name__ == "__main__":  # streamlit runs the file as __main__; benchmarks import it for the defaults above
+    main()
