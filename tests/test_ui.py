@@ -166,7 +166,7 @@ def browse(api: str, shot: Path) -> None:
                 "--disable-component-update", "--disable-sync"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"http://127.0.0.1:{port}", timeout=60_000)
-            box = page.get_by_label("Prompt")
+            box = page.get_by_label("Prompt", exact=True)
             box.wait_for(timeout=60_000)
             box.fill("Once upon a time there was a little fox")
             box.press("Control+Enter")  # commit the text area's value
