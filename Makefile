@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 API_PORT ?= 8000
 UI_PORT  ?= 8501
 
-.PHONY: llama-cpp install test test-fast lint demo bench screenshot system-deps docker-test clean
+.PHONY: llama-cpp install test test-fast lint demo bench screenshot notebooks system-deps docker-test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ test-fast: install lint
 # Re-take docs/playground.png with the bundled model (tests themselves never write into the repository).
 screenshot: install system-deps
 	SLM_SCREENSHOT=$(CURDIR)/docs/playground.png $(PY) -m pytest -q tests/test_ui.py -k browser
+
+# Re-run both notebooks in full and save their outputs (after the bundled model changes).
+notebooks: install
+	$(PY) tools/run_notebooks.py
 
 demo: install
 	@$(PY) -c "from slm.checkpoint import resolve; import sys; p = resolve('default'); sys.exit(0 if p.is_dir() else f'the bundled model {p} is missing')"
