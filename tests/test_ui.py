@@ -170,7 +170,7 @@ def browse(api: str, shot: Path) -> None:
             box.wait_for(timeout=60_000)
             box.fill("Once upon a time there was a little fox")
             box.press("Control+Enter")  # commit the text area's value
-            page.get_by_role("button", name="Run").click()
+            page.get_by_role("button", name="Run", exact=True).click()
             page.get_by_text("KV cache speedup").wait_for(timeout=120_000)
             page.locator("canvas, svg.marks").first.wait_for(timeout=30_000)  # the chart of the two times
             page.wait_for_timeout(1000)
