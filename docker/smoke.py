@@ -36,11 +36,11 @@ with sync_playwright() as p:
         "--disable-component-update", "--disable-sync"])
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(ui, timeout=60_000)
-    box = page.get_by_label("Prompt")
+    box = page.get_by_label("Prompt", exact=True)  # not "Example prompts"
     box.wait_for(timeout=60_000)
     box.fill("The little rabbit")
     box.press("Control+Enter")
-    page.get_by_role("button", name="Run").click()
+    page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("KV cache speedup").wait_for(timeout=120_000)
     check("tokens/s" in page.inner_text("body"), "UI container answers a prompt in Chromium")
     browser.close()
