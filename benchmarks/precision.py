@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,8 @@ DTYPES = ("fp32", "bf16")
 
 
 def train(data: Path, out: Path, preset: str, dtype: str, steps: int) -> list[dict]:
-    """One run; its metrics.jsonl records."""
+    """One run; its metrics.jsonl records. ``out`` is this script's scratch directory: an earlier run's is replaced."""
+    shutil.rmtree(out, ignore_errors=True)
     args = [sys.executable, "-m", "slm.cli", "train", "--data", str(data), "--out", str(out), "--preset", preset,
             "--dtype", dtype, "--max-steps", str(steps), "--eval-interval", "100", "--eval-windows", "64",
             "--log-interval", "10", "--threads", "2", "--seed", "0", "--quiet"]
