@@ -64,6 +64,11 @@ def test_used_words_counts_simple_inflections():
         True, True, True, True, True, False]
 
 
+def test_used_words_counts_possessives():  # WORD_RE keeps the apostrophe: "queen's" is one match
+    story = "It was louder than the queen's voice, and the girls' dogs barked."
+    assert instruct.used_words(story, ["queen", "girl", "dog", "loud"]) == [True, True, True, False]
+
+
 # ---- prepare --instruct and the loss mask ----------------------------------------------------------------
 def test_prepare_writes_instruct_copies_with_a_mask(corpus, tmp_path):
     meta = prepare([corpus], tmp_path, vocab_size=512, val_fraction=0.1, progress=False, instruct="stories")

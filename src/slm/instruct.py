@@ -131,8 +131,9 @@ def instruct_documents(text: str, seed: int, n_words: int = N_WORDS, part_chars:
 
 # ---- measuring: did the story use the words? ------------------------------------------------------------
 def stem(word: str) -> str:
-    """A crude stem, so that simple inflections match: jump/jumps/jumped/jumping, smile/smiled, run/running."""
-    w = word.lower()
+    """A crude stem, so that simple inflections match: jump/jumps/jumped/jumping, smile/smiled, run/running,
+    and possessives: queen's, girls'."""
+    w = word.lower().removesuffix("'s").rstrip("'")
     for suffix in ("ing", "ed", "es", "s"):
         if w.endswith(suffix) and len(w) - len(suffix) >= 3:
             w = w[: -len(suffix)]
