@@ -1,0 +1,89 @@
+"""Where a training step's time goes on this CPU: torch.profiler over the real `Trainer.train_step`.
+
+    python benchmarks/train_profile.py --data runs/v4/data [--preset cpu-7m] [--dtype bf16] [--steps 4] [--json F]
+
+Builds the run `slm train --preset P --dtype D` would (its recipe, 2 threads, a scratch --out), takes two warm-up
+steps, profiles ``--steps`` more and prints the operators by self CPU time, grouped into matrix products,
+attention, the loss, casts and copies, elementwise work and the rest, with the step's mean wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from slm.cpu import cpu_info
+from slm.train import TrainConfig, Trainer, settings_under_flags
+
+# Operator name fragments -> group; the first that matches wins (so "_flash_attention" is attention, not "mm").
+GROUPS = (("attention", ("attention", "sdpa")), ("loss", ("log_softmax", "nll_loss", "cross_entropy")),
+          ("matrix products", ("mm", "addmm", "bmm", "linear", "matmul")),
+          ("casts and copies", ("copy_", "to_copy", "_to", "clone", "contiguous")),
+          ("fill and zero", ("fill_", "zero_")))
+
+
+def group_of(name: str) -> str:
+    for group, fragments in GROUPS:
+        if any(f in name for f in fragments):
+            return group
+    return "elementwise and the rest"
+
+
+def build(data: Path, out: Path, preset: str, dtype: str) -> Trainer:
+    values = {"preset": preset, "dtype": dtype, "threads": 2}
+    cfg = TrainConfig(**{**settings_under_flags(values), **values})
+    torch.set_num_threads(cfg.threads)
+    return Trainer(data, out, cfg, {}, resume=False, progress=False, device=torch.device("cpu"), rank=0, world=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="a directory made by `slm prepare`")
+    parser.add_argument("--preset", default="cpu-7m")
+    parser.add_argument("--dtype", default="bf16", choices=("fp32", "bf16"))
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    out = Path(tempfile.mkdtemp(prefix="slm-profile-")) / "run"
+    try:
+        trainer = build(args.data.resolve(), out, args.preset, args.dtype)
+        for _ in range(2):  # warm-up: first-call allocations and kernel choices
+            trainer.train_step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.train_step()
+            step_s = (time.perf_counter() - started) / args.steps
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+    ops = [(e.key, e.self_cpu_time_total / 1e6 / args.steps) for e in prof.key_averages()]
+    total = sum(s for _, s in ops)
+    groups: dict[str, float] = defaultdict(float)
+    for name, seconds in ops:
+        groups[group_of(name)] += seconds
+    info = cpu_info()
+    print(f"{args.preset}, {args.dtype}, on {info.model} ({info.threads} threads, {' '.join(info.features)}): "
+          f"{step_s:.3f} s a step (profiled)\n")
+    print("| group | s a step | share |\n|---|---|---|")
+    for group, seconds in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"| {group} | {seconds:.3f} | {seconds / total:.0%} |")
+    top = sorted(ops, key=lambda op: -op[1])[:12]
+    print("\n| operator | s a step | share |\n|---|---|---|")
+    for name, seconds in top:
+        print(f"| `{name}` | {seconds:.3f} | {seconds / total:.0%} |")
+    if args.json:
+        args.json.write_text(json.dumps({"preset": args.preset, "dtype": args.dtype, "cpu": info.model,
+                                         "features": list(info.features), "step_s": step_s,
+                                         "groups": dict(groups), "top": top}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
