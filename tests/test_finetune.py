@@ -62,8 +62,10 @@ def test_init_from_refuses_another_tokenizer(trained, corpus, tmp_path):
 
 
 def test_init_from_keeps_the_shape(trained, prepared, tmp_path):
-    with pytest.raises(TrainError, match=r"asked for n_layer 5 \(the model has 3\)"):
-        train(prepared, tmp_path / "ft", finetune_cfg(trained), {"n_layer": 5}, progress=False)
+    with pytest.raises(TrainError, match=r"asked for d_model 128 \(the model has 96\)"):
+        train(prepared, tmp_path / "ft", finetune_cfg(trained), {"d_model": 128}, progress=False)
+    with pytest.raises(TrainError, match=r"grow deeper: --n-layer above 3\); asked for n_layer 2 \(the model has 3\)"):
+        train(prepared, tmp_path / "ft", finetune_cfg(trained), {"n_layer": 2}, progress=False)
     summary = train(prepared, tmp_path / "ok", finetune_cfg(trained), {"n_layer": 3, "dropout": 0.1}, progress=False)
     assert checkpoint.read_config(tmp_path / "ok" / "last")["model"]["dropout"] == 0.1 and summary["steps"] == 2
 

@@ -26,6 +26,7 @@ from slm.cpu import bf16_pays
 from slm.data import BatchSampler, eval_windows, load_meta, mixture, open_mask, open_tokens, trains_on_instruct
 from slm.errors import SlmError
 from slm.files import atomic_write, atomic_write_json
+from slm.grow import grow_depth
 from slm.model import GPT
 from slm.optim import Optimizers, make_optimizers
 from slm.tokenizer import Tokenizer
@@ -138,19 +139,33 @@ def load_starting_point(name: str) -> StartingPoint:
     path = checkpoint.resolve(name)
     saved = checkpoint.read_config(path)
     training = saved.get("training", {})
-    record = {"model": str(path), "steps": training.get("steps"), "tokens_seen": training.get("tokens_seen")}
+    record = {"model": str(path), "steps": training.get("steps"), "tokens_seen": training.get("tokens_seen"),
+              "n_layer": model.config.n_layer}
     return StartingPoint(name, path, model.config, model.state_dict(), tokenizer, record, saved.get("template"))
 
 
 def fine_tune_shape(start: StartingPoint, overrides: dict) -> ModelConfig:
-    """The starting model's shape; shape flags may only repeat it (dropout may change)."""
-    conflicts = {k: v for k, v in overrides.items()
-                 if k not in FINETUNE_MAY_CHANGE and k != "vocab_size" and getattr(start.config, k) != v}
+    """The starting model's shape; shape flags may only repeat it, except that dropout may change and
+    ``n_layer`` may grow (slm.grow: new blocks that start as the identity)."""
+    def allowed(k: str, v) -> bool:
+        grows = k == "n_layer" and v > start.config.n_layer
+        return k in FINETUNE_MAY_CHANGE or k == "vocab_size" or grows or getattr(start.config, k) == v
+
+    conflicts = {k: v for k, v in overrides.items() if not allowed(k, v)}
     if conflicts:
         asked = ", ".join(f"{k} {v} (the model has {getattr(start.config, k)})" for k, v in conflicts.items())
-        raise TrainError(f"--init-from {start.name}: the model's shape cannot change when fine-tuning; asked for "
-                         f"{asked}. Drop those flags, or train a new shape from scratch")
-    return dataclasses.replace(start.config, **{k: v for k, v in overrides.items() if k in FINETUNE_MAY_CHANGE})
+        raise TrainError(f"--init-from {start.name}: the model's shape cannot change when fine-tuning (it may only "
+                         f"grow deeper: --n-layer above {start.config.n_layer}); asked for {asked}. Drop those "
+                         "flags, or train a new shape from scratch")
+    changes = {k: v for k, v in overrides.items() if k in (*FINETUNE_MAY_CHANGE, "n_layer")}
+    return dataclasses.replace(start.config, **changes)
+
+
+def starting_weights(start: StartingPoint, shape: ModelConfig) -> dict[str, torch.Tensor]:
+    """The starting model's weights for ``shape``: as they are, or grown deeper (slm.grow)."""
+    if shape.n_layer == start.config.n_layer:
+        return start.weights
+    return grow_depth(start.weights, start.config.n_layer, shape.n_layer)
 
 
 def check_same_tokenizer(start: StartingPoint, data_dir: str | Path, data_tokenizer: Tokenizer) -> None:
@@ -328,7 +343,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = GPT(self.shape)
         if self.start is not None:
-            self.model.load_state_dict(self.start.weights)
+            self.model.load_state_dict(starting_weights(self.start, self.shape))
         self.model.to(device)
         self.optimizer = make_optimizer(self.model, cfg, device)
         self.state = RunState()
