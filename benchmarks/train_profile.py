@@ -37,8 +37,9 @@ def group_of(name: str) -> str:
     return "elementwise and the rest"
 
 
-def build(data: Path, out: Path, preset: str, dtype: str) -> Trainer:
-    values = {"preset": preset, "dtype": dtype, "threads": 2}
+def build(data: Path, out: Path, preset: str, dtype: str, compile_model: bool = False) -> Trainer:
+    """The run `slm train --preset P --dtype D [--compile] --threads 2` would make, in a scratch ``out``."""
+    values = {"preset": preset, "dtype": dtype, "threads": 2, "compile": compile_model}
     cfg = TrainConfig(**{**settings_under_flags(values), **values})
     torch.set_num_threads(cfg.threads)
     return Trainer(data, out, cfg, {}, resume=False, progress=False, device=torch.device("cpu"), rank=0, world=1)
