@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import torch
 
@@ -46,3 +48,5 @@ def test_info_describes_the_machine():
     assert f"CPU: {info.model} ({info.logical_cpus} logical CPUs" in r.stdout
     assert "bf16 matrix products:" in r.stdout and "train --dtype auto:" in r.stdout and "decoding:" in r.stdout
     assert "presets (parameters):" in r.stdout
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    assert (f"C++ compiler: {cxx})" if cxx else "none found, so eager on the CPU") in r.stdout

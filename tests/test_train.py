@@ -71,7 +71,8 @@ def test_resume_reproduces_an_uninterrupted_run(prepared, tmp_path, preset, opti
 def test_sigterm_saves_and_resumes(prepared, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "slm.cli", "train", "--data", str(prepared), "--out", str(run), "--preset", "tiny",
-           "--max-steps", "100000", "--eval-interval", "100000", "--log-interval", "1", "--quiet", "--dtype", "fp32"]
+           "--max-steps", "100000", "--eval-interval", "100000", "--log-interval", "1", "--quiet", "--dtype", "fp32",
+           "--no-compile"]  # 100,000 steps would compile unasked: seconds this test does not need
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not ((run / "metrics.jsonl").exists() and
@@ -165,3 +166,45 @@ def test_a_run_resumes_on_another_kind_of_cpu_and_precision_follows_it(prepared,
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "train"]
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
+
+
+def test_compile_unasked_follows_the_run_length_and_the_machine(monkeypatch):
+    """--compile unset: eager for a short run (without probing), compiled for a long one where compiling works
+    and eager where it does not; --compile and --no-compile as given whatever the run."""
+    import torch
+
+    import slm.train
+    from slm.train import COMPILE_MIN_STEPS, TrainConfig, compile_wanted
+
+    cpu, probed = torch.device("cpu"), []
+    for works in (True, False):
+        monkeypatch.setattr(slm.train, "compile_works", lambda kind, w=works: probed.append(kind) or w)
+        assert compile_wanted(TrainConfig(max_steps=COMPILE_MIN_STEPS), cpu) is works
+        assert not compile_wanted(TrainConfig(max_steps=COMPILE_MIN_STEPS - 1), cpu)
+        assert not compile_wanted(TrainConfig(max_steps=COMPILE_MIN_STEPS), torch.device("mps"))
+        assert compile_wanted(TrainConfig(max_steps=10, compile=True), cpu)
+        assert not compile_wanted(TrainConfig(max_steps=10**6, compile=False), cpu)
+    assert probed == ["cpu", "cpu"]  # only the long runs, on a device inductor builds for, asked the probe
+
+
+def test_without_a_cpp_compiler_compiling_does_not_work(tmp_path):
+    """The probe really builds a kernel: with no C++ compiler (and an empty kernel cache) it answers no, so an
+    unasked long run trains eager instead of failing at its first step."""
+    code = "from slm.train import compile_works; print(compile_works('cpu'))"
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "False", done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_a_compiled_run_learns_as_the_eager_one_and_saves_plain_weights(prepared, tmp_path):
+    from slm import checkpoint
+
+    eager = train(prepared, tmp_path / "eager", quick_cfg(compile=False), progress=False)
+    compiled = train(prepared, tmp_path / "compiled", quick_cfg(compile=True), progress=False)
+    assert (eager["compiled"], compiled["compiled"]) == (False, True)
+    first_eager, first_compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert first_compiled[0] == pytest.approx(first_eager[0], rel=1e-4)  # the same weights and batch
+    assert compiled["best_val_loss"] == pytest.approx(eager["best_val_loss"], rel=0.02)
+    model, _ = checkpoint.load(tmp_path / "compiled" / "last")  # torch.compile's wrapper is not what was saved
+    assert not any("_orig_mod" in name for name in model.state_dict())

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ def machine_report() -> list[str]:
 
     from slm import native
     from slm.cpu import BF16_MIN_SPEEDUP, FEATURES, bf16_speedup, cpu_info
+    from slm.train import COMPILE_MIN_STEPS
 
     info = cpu_info()
     speedup = bf16_speedup()
@@ -39,12 +41,15 @@ def machine_report() -> list[str]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (training and serving run on the CPU)"
     bf16 = speedup >= BF16_MIN_SPEEDUP
     compiler = native.library() is not None
+    cxx = shutil.which(os.environ.get("CXX", "g++"))  # the C++ compiler torch.compile's CPU kernels are built with
     return [
         f"CPU: {info.model} ({info.logical_cpus} logical CPUs; torch uses {info.threads} threads)",
         f"features: {' '.join(info.features) or '-'}" + (f" (not: {' '.join(missing)})" if missing else ""),
         f"bf16 matrix products: {speedup:.2f}x the speed of fp32 here (measured once, cached)",
         f"train --dtype auto: {'bf16 autocast' if bf16 else 'fp32'} (bf16 needs >= {BF16_MIN_SPEEDUP:g}x); "
         f"Muon's iteration: {'bf16' if bf16 else 'fp32'}",
+        f"train --compile unset: on for runs of {COMPILE_MIN_STEPS}+ steps where torch.compile works (C++ compiler: "
+        + (f"{cxx})" if cxx else "none found, so eager on the CPU)"),
         "decoding: " + ("the native C step (fp32 weights; --decode-weights fp16 for the fp16 copies)" if compiler and
                         native.enabled() else "the PyTorch step (" + ("SLM_NATIVE=0" if not native.enabled()
                                                                     else "no C compiler found") + ")"),
@@ -262,7 +267,7 @@ def add_settings(group: argparse._ActionsContainer, settings: type, show_default
         extra = {k: v for k, v in f.metadata.items() if k != "help"}
         shown = f" (default {f.default})" if show_defaults and f.default not in ("", None) else ""
         flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
+        if f.type in (bool, "bool", "bool | None"):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                help=f.metadata["help"] + shown)
         else:

@@ -12,6 +12,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import tomllib
@@ -34,6 +35,11 @@ from slm.tokenizer import Tokenizer
 
 class TrainError(SlmError):
     """A training setting or state that cannot be used."""
+
+
+# torch.compile costs 20-40 s before the first step on a 2-core CPU, then saves 15-20% of every step
+# (benchmarks/step-time.json, docs/training-on-cpu.md): unasked, it is on for runs long enough to earn that back.
+COMPILE_MIN_STEPS = 500
 
 
 LOSS_ON = ("all", "story")
@@ -68,7 +74,8 @@ class TrainConfig:
     device: str = setting("auto", "auto | cpu | cuda | mps")
     dtype: str = setting("auto", "autocast precision; auto: bf16 where this machine runs it faster",
                          choices=("auto", "fp32", "bf16"))
-    compile: bool = setting(False, "torch.compile the model")
+    compile: bool | None = setting(None, f"torch.compile the model; unset: on for runs of {COMPILE_MIN_STEPS}+ "
+                                   "steps where it works (CUDA, or a CPU with a C++ compiler)")
     threads: int = setting(0, "torch CPU threads; 0 = torch's default")
     max_minutes: float = setting(0.0, "stop and save after this much wall time (per leg with --resume); 0 = no limit")
     init_from: str = setting("", "fine-tune: start from this model's weights and shape (a checkpoint or run "
@@ -216,6 +223,24 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+@cache
+def compile_works(device_type: str) -> bool:
+    """Whether torch.compile builds and runs a kernel on this device here: inductor needs a C++ compiler and
+    Python's headers on a CPU, triton on CUDA. A few seconds, paid only by runs that compile unasked."""
+    try:
+        return float(torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device_type)).sum()) == 12.0
+    except Exception:  # a missing compiler, headers or triton: inductor's errors share no narrower base class
+        return False
+
+
+def compile_wanted(cfg: TrainConfig, device: torch.device) -> bool:
+    """--compile or --no-compile as given; unset, on where it pays: a run of COMPILE_MIN_STEPS or more, on a
+    CPU or CUDA device where compiling works."""
+    if cfg.compile is not None:
+        return cfg.compile
+    return cfg.max_steps >= COMPILE_MIN_STEPS and device.type in ("cpu", "cuda") and compile_works(device.type)
+
+
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     """The schedule, as a multiple of each optimizer's peak rate (AdamW's lr, Muon's muon_lr): linear warmup,
     then cosine decay to min_lr_ratio at max_steps."""
@@ -348,6 +373,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg, device)
         self.state = RunState()
         self.restore(resume)
+        self.compiled = compile_wanted(cfg, device)
         self.wrapped = self.wrap(self.model)
         self.metrics_path = out / "metrics.jsonl"
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * world * self.shape.context_length
@@ -409,7 +435,7 @@ class Trainer:
 
     def wrap(self, model: GPT) -> torch.nn.Module:
         """torch.compile and DDP wrappers around the model (the raw model is what gets saved)."""
-        if self.settings.compile:
+        if self.compiled:
             model = torch.compile(model)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -466,6 +492,7 @@ class Trainer:
             "wall_time_s": round(self.elapsed(), 1),
             "hardware": hardware(self.device, self.world),
             "precision": "bf16" if self.amp else "fp32",  # this leg's: --dtype auto follows the machine it runs on
+            "compiled": self.compiled,  # this leg's: unset --compile follows the run's length and the machine
             "val_loss": val_loss,
             "best_val_loss": best["val_loss"] if best["step"] is not None else None,
             "best_val_bpb": best["val_bpb"],
@@ -546,7 +573,8 @@ class Trainer:
         if self.master:
             out.mkdir(parents=True, exist_ok=True)
             print(f"model {self.model.num_parameters():,} parameters | {self.world} process(es) on {self.device} | "
-                  f"{'bf16' if self.amp else 'fp32'} | {self.tokens_per_step:,} tokens/step | {cfg.max_steps} steps")
+                  f"{'bf16' if self.amp else 'fp32'} | {'compiled' if self.compiled else 'eager'} | "
+                  f"{self.tokens_per_step:,} tokens/step | {cfg.max_steps} steps")
 
         def on_signal(signum, _frame):  # finish the step, save, exit cleanly
             self.stop_signal = signum
