@@ -37,7 +37,7 @@ class TrainError(SlmError):
     """A training setting or state that cannot be used."""
 
 
-# torch.compile costs 20-40 s before the first step on a 2-core CPU, then saves 15-20% of every step
+# torch.compile costs 20-40 s before the first step on a 2-core CPU, then saves 10-20% of every step
 # (benchmarks/step-time.json, docs/training-on-cpu.md): unasked, it is on for runs long enough to earn that back.
 COMPILE_MIN_STEPS = 500
 
