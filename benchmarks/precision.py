@@ -1,13 +1,14 @@
 """bf16 autocast vs fp32 training on this CPU: the same run twice, tokens/s and validation loss side by side.
 
-    python benchmarks/precision.py --data runs/v4/data [--preset cpu-7m] [--steps 300] [--json precision.json]
+    python benchmarks/precision.py --data runs/v4/data [--preset cpu-7m] [--steps 300] [--compile] [--json F]
 
 Both runs train ``--preset`` from scratch with its own recipe, the same seed (so the same windows in the same
 order), 4,096 tokens a step, 2 threads, and score the same 64 validation windows every 100 steps; only
-``--dtype`` differs. `--dtype auto` picks bf16 only where a measured bf16 matrix product is at least 2x fp32's
-(`slm info`), and it may only do so if the loss does not suffer: the table says by how much the two runs'
-validation bits/byte differ at each evaluation (the goal: within 0.01 over 300 steps). Run it on an idle machine:
-the tokens/s are medians of the logged steps.
+``--dtype`` differs, and with ``--compile`` the bf16 run is compiled too (what a long `slm train` does unasked
+where bf16 pays), against fp32 eager. `--dtype auto` picks bf16 only where a measured bf16 matrix product is at
+least 2x fp32's (`slm info`), and it may only do so if the loss does not suffer: the table says by how much the
+two runs' validation bits/byte differ at each evaluation (the goal: within 0.01 over 300 steps). Run it on an
+idle machine: the tokens/s are medians of the logged steps (the first, which holds any compiling, left out).
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("fp32", "bf16")
 
 
-def train(data: Path, out: Path, preset: str, dtype: str, steps: int) -> list[dict]:
+def train(data: Path, out: Path, preset: str, dtype: str, steps: int, compiled: bool) -> list[dict]:
     """One run; its metrics.jsonl records. ``out`` is this script's scratch directory: an earlier run's is replaced."""
     shutil.rmtree(out, ignore_errors=True)
     args = [sys.executable, "-m", "slm.cli", "train", "--data", str(data), "--out", str(out), "--preset", preset,
             "--dtype", dtype, "--max-steps", str(steps), "--eval-interval", "100", "--eval-windows", "64",
-            "--log-interval", "10", "--threads", "2", "--seed", "0", "--quiet"]
+            "--log-interval", "10", "--threads", "2", "--seed", "0", "--quiet",
+            "--compile" if compiled else "--no-compile"]
     subprocess.run(args, check=True, cwd=ROOT)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -46,7 +48,8 @@ def summarize(records: list[dict]) -> dict:
 
 def table(results: dict) -> str:
     fp32, bf16 = results["fp32"], results["bf16"]
-    rows = ["| step | fp32 val bits/byte | bf16 val bits/byte | bf16 - fp32 |", "|---|---|---|---|"]
+    name = "bf16 + compile" if bf16["compiled"] else "bf16"
+    rows = [f"| step | fp32 val bits/byte | {name} val bits/byte | {name} - fp32 |", "|---|---|---|---|"]
     for step, a in fp32["val_bpb"].items():
         b = bf16["val_bpb"][step]
         rows.append(f"| {step} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
@@ -60,6 +63,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="a directory made by `slm prepare`")
     parser.add_argument("--preset", default="cpu-7m")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--compile", action="store_true", help="compile the bf16 run (fp32 stays eager)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "precision")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -67,7 +71,9 @@ def main() -> None:
     results = {}
     for dtype in DTYPES:
         out = args.work / f"{args.preset}-{dtype}"
-        results[dtype] = summarize(train(args.data.resolve(), out, args.preset, dtype, args.steps))
+        compiled = args.compile and dtype == "bf16"
+        results[dtype] = {**summarize(train(args.data.resolve(), out, args.preset, dtype, args.steps, compiled)),
+                          "compiled": compiled}
         print(f"{dtype}: {results[dtype]}", flush=True)
     info = cpu_info()
     cpu = (f"{info.model}, {info.threads} threads, {' '.join(info.features)}; "

@@ -1,10 +1,11 @@
 """Where a training step's time goes on this CPU: torch.profiler over the real `Trainer.train_step`.
 
-    python benchmarks/train_profile.py --data runs/v4/data [--preset cpu-7m] [--dtype bf16] [--steps 4] [--json F]
+    python benchmarks/train_profile.py --data runs/v4/data [--preset cpu-7m] [--dtype bf16] [--compile] [--steps 4]
 
-Builds the run `slm train --preset P --dtype D` would (its recipe, 2 threads, a scratch --out), takes two warm-up
-steps, profiles ``--steps`` more and prints the operators by self CPU time, grouped into matrix products,
-attention, the loss, casts and copies, elementwise work and the rest, with the step's mean wall time.
+Builds the run `slm train --preset P --dtype D [--compile]` would (its recipe, 2 threads, a scratch --out), takes
+two warm-up steps (compiling, with --compile), profiles ``--steps`` more and prints the operators by self CPU
+time, grouped into matrix products, attention, the loss, casts and copies, torch.compile's fused kernels,
+elementwise work and the rest, with the step's mean wall time.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from slm.cpu import cpu_info
+from slm.cpu import cpu_info, keep_freed_memory
 from slm.train import TrainConfig, Trainer, settings_under_flags
 
 # Operator name fragments -> group; the first that matches wins (so "_flash_attention" is attention, not "mm").
-GROUPS = (("attention", ("attention", "sdpa")), ("loss", ("log_softmax", "nll_loss", "cross_entropy")),
+GROUPS = (("fused kernels (torch.compile)", ("CompiledFxGraph",)), ("attention", ("attention", "sdpa")),
+          ("loss", ("log_softmax", "nll_loss", "cross_entropy")),
           ("matrix products", ("mm", "addmm", "bmm", "linear", "matmul")),
           ("casts and copies", ("copy_", "to_copy", "_to", "clone", "contiguous")),
           ("fill and zero", ("fill_", "zero_")))
@@ -38,7 +40,9 @@ def group_of(name: str) -> str:
 
 
 def build(data: Path, out: Path, preset: str, dtype: str, compile_model: bool = False) -> Trainer:
-    """The run `slm train --preset P --dtype D [--compile] --threads 2` would make, in a scratch ``out``."""
+    """The run `slm train --preset P --dtype D [--compile] --threads 2` would make, in a scratch ``out``, in a
+    process whose malloc keeps freed memory as `slm train`'s does."""
+    keep_freed_memory()
     values = {"preset": preset, "dtype": dtype, "threads": 2, "compile": compile_model}
     cfg = TrainConfig(**{**settings_under_flags(values), **values})
     torch.set_num_threads(cfg.threads)
@@ -50,12 +54,13 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="a directory made by `slm prepare`")
     parser.add_argument("--preset", default="cpu-7m")
     parser.add_argument("--dtype", default="bf16", choices=("fp32", "bf16"))
+    parser.add_argument("--compile", action="store_true", help="profile the compiled step")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="slm-profile-")) / "run"
     try:
-        trainer = build(args.data.resolve(), out, args.preset, args.dtype)
+        trainer = build(args.data.resolve(), out, args.preset, args.dtype, args.compile)
         for _ in range(2):  # warm-up: first-call allocations and kernel choices
             trainer.train_step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -71,8 +76,8 @@ def main() -> None:
     for name, seconds in ops:
         groups[group_of(name)] += seconds
     info = cpu_info()
-    print(f"{args.preset}, {args.dtype}, on {info.model} ({info.threads} threads, {' '.join(info.features)}): "
-          f"{step_s:.3f} s a step (profiled)\n")
+    print(f"{args.preset}, {args.dtype}{' compiled' * args.compile}, on {info.model} ({info.threads} threads, "
+          f"{' '.join(info.features)}): {step_s:.3f} s a step (profiled)\n")
     print("| group | s a step | share |\n|---|---|---|")
     for group, seconds in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"| {group} | {seconds:.3f} | {seconds / total:.0%} |")
@@ -81,8 +86,8 @@ def main() -> None:
     for name, seconds in top:
         print(f"| `{name}` | {seconds:.3f} | {seconds / total:.0%} |")
     if args.json:
-        args.json.write_text(json.dumps({"preset": args.preset, "dtype": args.dtype, "cpu": info.model,
-                                         "features": list(info.features), "step_s": step_s,
+        args.json.write_text(json.dumps({"preset": args.preset, "dtype": args.dtype, "compiled": args.compile,
+                                         "cpu": info.model, "features": list(info.features), "step_s": step_s,
                                          "groups": dict(groups), "top": top}, indent=2) + "\n")
 
 

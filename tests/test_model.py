@@ -44,6 +44,19 @@ def test_forward_shapes_and_tied_head(tiny_model):
     assert not any("lm_head" in n for n in names)  # the output layer is the input embedding
 
 
+def test_loss_with_targets_is_the_cross_entropy_of_the_logits(tiny_model):
+    """``targets=`` returns the training loss (computed inside forward, so torch.compile fuses it): the mean
+    cross-entropy of the logits over the targets, the ignored ones (-100, instruct headers) left out."""
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 512, (3, 20)), torch.randint(0, 512, (3, 20))
+    y[0, :7] = -100
+    loss = tiny_model(x, targets=y)
+    expected = torch.nn.functional.cross_entropy(tiny_model(x).flatten(0, 1), y.flatten())
+    assert loss.shape == () and torch.allclose(loss, expected)
+    assert not torch.allclose(loss, torch.nn.functional.cross_entropy(tiny_model(x).flatten(0, 1),
+                                                                     y.clamp(min=0).flatten()))
+
+
 def test_gpt2_initialisation():
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=4000, context_length=64, n_layer=8, n_head=4, d_model=256))

@@ -59,6 +59,32 @@ def test_muon_newton_schulz_runs_in_fp32_on_a_cpu_without_bf16():
     assert not torch.equal(ours_fp32, stock)
     torch.manual_seed(0)
     start = torch.randn(48, 32)
-    update = newton_schulz(0.05 * grad + 0.95 * (0.05 * grad), 5, (3.4445, -4.7750, 2.0315), 1e-7, torch.float64)
+    update = newton_schulz((0.05 * grad + 0.95 * (0.05 * grad))[None], 5, (3.4445, -4.7750, 2.0315), 1e-7,
+                           torch.float64)[0]
     expected = start - 0.02 * math.sqrt(48 / 32) * update.float()  # nesterov: g.lerp(buf, 0.95), buf = 0.05 g
     assert (ours_fp32 - expected).abs().max() < 1e-5 < (stock - expected).abs().max()
+
+
+def test_muon_steps_matrices_of_one_shape_together_as_it_would_alone():
+    """Matrices of one shape share a batched Newton-Schulz iteration: each gets the update it gets alone."""
+    import torch
+
+    from slm.optim import Muon
+
+    torch.manual_seed(0)
+    shapes = [(48, 32), (48, 32), (32, 48), (16, 16), (48, 32)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+
+    def stepped(indices):
+        ws = [torch.nn.Parameter(start[i].clone()) for i in indices]
+        for w, i in zip(ws, indices, strict=True):
+            w.grad = grads[i].clone()
+        Muon(ws, ns_dtype=torch.float32, lr=0.02, momentum=0.95, weight_decay=0.0).step()
+        return [w.detach() for w in ws]
+
+    together = stepped(range(len(shapes)))
+    for i, w in enumerate(together):
+        alone = stepped([i])[0]
+        assert not torch.equal(w, start[i])
+        assert (w - alone).abs().max() < 1e-6

@@ -88,6 +88,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from slm.cpu import keep_freed_memory
     from slm.train import TrainConfig, TrainError, load_config_file, resume_settings, settings_under_flags, train
 
     # The saved run's settings (with --resume), then the config file, then flags: each overrides the last.
@@ -105,6 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.init_from and args.preset:
         raise TrainError(f"--init-from {args.init_from} keeps that model's shape; drop --preset {args.preset}")
     cfg = TrainConfig(**{**settings_under_flags(values), **values})
+    keep_freed_memory()  # this process only trains: reuse freed memory instead of faulting pages in every step
     result = train(args.data, args.out, cfg, model_overrides, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", 0)) == 0:
         done = f"done: {result['steps']} steps, {result['tokens_seen']:,} tokens, {result['wall_time_s']} s; "

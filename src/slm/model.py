@@ -221,8 +221,10 @@ class GPT(nn.Module):
         tokens: torch.Tensor,
         cache: KVCache | None = None,
         logits_at: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``[B, T, vocab]`` for ``tokens [B, T]``; ``[B, vocab]`` at indices ``logits_at [B]`` if given.
+        """Logits ``[B, T, vocab]`` for ``tokens [B, T]``; ``[B, vocab]`` at indices ``logits_at [B]`` if given;
+        with ``targets [B, T]``, the mean cross-entropy over them instead (targets of -100 left out).
 
         With ``cache``, the tokens continue each row's cached sequence: row ``b`` starts at position
         ``cache.lengths[b]``, its keys and values are written into the cache, and the lengths advance by T.
@@ -240,6 +242,8 @@ class GPT(nn.Module):
         if logits_at is not None:
             x = x[torch.arange(b, device=x.device), logits_at]
         x = self.ln_f(x)
+        if targets is not None:  # the loss in here, so that torch.compile fuses it with the head (in fp32)
+            return F.cross_entropy(F.linear(x, self.wte.weight).float().flatten(0, 1), targets.flatten())
         if torch.is_grad_enabled():  # training (or any caller that wants gradients): through the tied weight
             return F.linear(x, self.wte.weight)
         return x @ self._head_weight_t()  # inference: a cached transposed copy, faster for decode steps

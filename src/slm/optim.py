@@ -18,25 +18,28 @@ OPTIMIZERS = ("adamw", "muon")
 
 def newton_schulz(grad: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
                   dtype: torch.dtype) -> torch.Tensor:
-    """Approximately orthogonalise ``grad`` (torch.optim.Muon's quintic iteration) computed in ``dtype``.
+    """Approximately orthogonalise each matrix of ``grad [n, rows, cols]`` (torch.optim.Muon's quintic
+    iteration) computed in ``dtype``.
 
     torch.optim.Muon always computes in bf16, which is right on a GPU but on a CPU without native bf16
-    runs the iteration ~50x slower than fp32 (measured: ~54 s vs ~1.0 s a step for a 15.5M model).
+    runs the iteration ~50x slower than fp32 (measured: ~54 s vs ~1.0 s a step for a 15.5M model). The
+    matrices of one shape go through it together: one batched product instead of one small one each.
     """
     a, b, c = coefficients
     x = grad.to(dtype)
-    tall = grad.size(0) > grad.size(1)
+    tall = grad.size(-2) > grad.size(-1)
     if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x.T if tall else x).to(grad.dtype)
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.mT if tall else x).to(grad.dtype)
 
 
 class Muon(torch.optim.Muon):
-    """torch.optim.Muon with the Newton-Schulz iteration in a chosen dtype (same update otherwise)."""
+    """torch.optim.Muon with the Newton-Schulz iteration in a chosen dtype, batched over the matrices of one
+    shape (the same update otherwise)."""
 
     def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **kwargs) -> None:
         super().__init__(params, **kwargs)
@@ -48,13 +51,19 @@ class Muon(torch.optim.Muon):
             params, grads, bufs = [], [], []
             self._init_group(group, params, grads, bufs)
             lr, momentum = float(group["lr"]), group["momentum"]
-            for param, grad, buf in zip(params, grads, bufs, strict=True):
-                buf.lerp_(grad, 1 - momentum)
-                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
-                                       self.ns_dtype)
-                param.mul_(1 - lr * group["weight_decay"])
-                param.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
+            updates = [g.lerp(buf, momentum) for g, buf in zip(grads, bufs, strict=True)] if group["nesterov"] else bufs
+            by_shape: dict[torch.Size, list[int]] = {}
+            for i, param in enumerate(params):
+                by_shape.setdefault(param.shape, []).append(i)
+            for shape, indices in by_shape.items():
+                stacked = torch.stack([updates[i] for i in indices])
+                orthogonal = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"], group["eps"],
+                                           self.ns_dtype)
+                step_size = _adjust_lr(lr, group["adjust_lr_fn"], shape)
+                for i, update in zip(indices, orthogonal.unbind(0), strict=True):
+                    params[i].mul_(1 - lr * group["weight_decay"])
+                    params[i].add_(update, alpha=-step_size)
 
 
 def ns_dtype_for(device: torch.device, cpu_bf16_fast: bool) -> torch.dtype:

@@ -456,8 +456,7 @@ class Trainer:
             sync = micro == cfg.grad_accum - 1 or self.world == 1  # DDP: all-reduce on the last micro-batch only
             with (nullcontext() if sync else self.wrapped.no_sync(),
                   torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()):
-                logits = self.wrapped(x)
-                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                loss = self.wrapped(x, targets=y)
             (loss / cfg.grad_accum).backward()
             step_loss += loss.detach() / cfg.grad_accum
         if cfg.grad_clip > 0:
