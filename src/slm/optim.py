@@ -37,6 +37,13 @@ def newton_schulz(grad: torch.Tensor, steps: int, coefficients: tuple[float, flo
     return (x.mT if tall else x).to(grad.dtype)
 
 
+def indices_by_shape(tensors: list[torch.Tensor]) -> dict[torch.Size, list[int]]:
+    shapes: dict[torch.Size, list[int]] = {}
+    for i, t in enumerate(tensors):
+        shapes.setdefault(t.shape, []).append(i)
+    return shapes
+
+
 class Muon(torch.optim.Muon):
     """torch.optim.Muon with the Newton-Schulz iteration in a chosen dtype, batched over the matrices of one
     shape (the same update otherwise)."""
@@ -53,10 +60,7 @@ class Muon(torch.optim.Muon):
             lr, momentum = float(group["lr"]), group["momentum"]
             torch._foreach_lerp_(bufs, grads, 1 - momentum)
             updates = [g.lerp(buf, momentum) for g, buf in zip(grads, bufs, strict=True)] if group["nesterov"] else bufs
-            by_shape: dict[torch.Size, list[int]] = {}
-            for i, param in enumerate(params):
-                by_shape.setdefault(param.shape, []).append(i)
-            for shape, indices in by_shape.items():
+            for shape, indices in indices_by_shape(params).items():
                 stacked = torch.stack([updates[i] for i in indices])
                 orthogonal = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"], group["eps"],
                                            self.ns_dtype)
