@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from slm.cpu import cpu_info, keep_freed_memory
+from slm.cpu import cpu_info
+from slm.memory import keep_freed_memory
 from slm.train import TrainConfig, Trainer, settings_under_flags
 
 # Operator name fragments -> group; the first that matches wins (so "_flash_attention" is attention, not "mm").

@@ -51,34 +51,3 @@ def test_info_describes_the_machine():
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     assert (f"C++ compiler: {cxx})" if cxx else "none found, so eager on the CPU") in r.stdout
 
-
-MEMORY_KEPT_AFTER_FREE = """
-import os, sys
-import torch
-from slm.cpu import keep_freed_memory
-if sys.argv[1] == "keep":
-    assert keep_freed_memory()
-def resident_mb():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-before = resident_mb()
-block = torch.empty(128 * 2**20, dtype=torch.uint8).fill_(1)  # a block the size of a step's logits
-used = resident_mb()
-del block
-print(used - before, resident_mb() - before)
-"""
-
-
-def test_slm_train_keeps_freed_memory_for_the_next_step():
-    """glibc hands a block above 32 MB back to the kernel when it is freed, so the next step's faults its pages
-    in again (35,000-190,000 faults a step for cpu-7m); after keep_freed_memory(), what `slm train` calls, the
-    process keeps it for reuse."""
-    import subprocess
-    import sys
-
-    mb = {}
-    for how in ("default", "keep"):
-        out = subprocess.run([sys.executable, "-c", MEMORY_KEPT_AFTER_FREE, how], check=True, capture_output=True,
-                             text=True).stdout.split()
-        mb[how] = [float(v) for v in out]  # resident MB above the start: while the block is used, after it is freed
-    assert mb["default"][0] > 120 and mb["default"][1] < 20, mb
-    assert mb["keep"][0] > 120 and mb["keep"][1] > 120, mb

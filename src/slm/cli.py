@@ -88,7 +88,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from slm.cpu import keep_freed_memory
+    from slm.memory import keep_freed_memory
     from slm.train import TrainConfig, TrainError, load_config_file, resume_settings, settings_under_flags, train
 
     # The saved run's settings (with --resume), then the config file, then flags: each overrides the last.

@@ -10,7 +10,6 @@ flags, the torch version and the thread count.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
@@ -26,25 +25,6 @@ import torch
 FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 BF16_MIN_SPEEDUP = 2.0  # bf16 matmuls this much faster than fp32: training gains despite autocast's casts
 PROBE_SIZE, PROBE_SECONDS = 256, 0.1  # square matrices; each precision is timed for about this long
-
-
-# glibc's mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep the memory a training step frees for the next step (this process only).
-
-    By default every block above 32 MB (a step's logits: 4,096 tokens x 8,192 in fp32 is 134 MB) is a fresh
-    mmap whose pages fault in, zeroed, on first touch, step after step: 35,000-190,000 page faults a step for
-    cpu-7m, 8-12% of its time on a 2-core Xeon (docs/training-on-cpu.md). Serving them from the heap and never
-    trimming it removes them; the cost is that the process keeps its peak memory. False where the C library
-    is not glibc (nothing changes there)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
 
 
 @dataclass(frozen=True)

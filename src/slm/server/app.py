@@ -20,6 +20,7 @@ from starlette.types import Scope
 import slm
 from slm.checkpoint import CheckpointError, load, resolve, template
 from slm.generation import Engine, GenerationError
+from slm.memory import return_large_buffers_to_the_system
 from slm.model import GPT
 from slm.server.connections import uvicorn_config
 from slm.server.engine import ServingEngine
@@ -130,22 +131,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             headers=exc.headers)
 
     return app
-
-
-def return_large_buffers_to_the_system() -> None:
-    """glibc raises its mmap threshold to the largest block freed so far (up to 32 MB), after which the
-    logits of a long prefill or scoring window (16 MB at 512 x 8192) come from the heap and stay in the
-    process when freed: one long request grew the server by ~100 MB for good. A fixed 1 MB threshold hands
-    such buffers back (measured: +17 MB after scoring 16,384 tokens, was +130 MB); decode steps allocate
-    far less than 1 MB, so they do not pay for it."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
 
 
 def run_server(model: str | None = None, host: str | None = None, port: int | None = None) -> None:
