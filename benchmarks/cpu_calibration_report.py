@@ -1,6 +1,6 @@
 """Table and plot for docs/training-on-cpu.md from the calibration runs (benchmarks/cpu_calibration.sh).
 
-    python benchmarks/cpu_calibration_report.py [--runs runs/calib] [--plot docs/training-on-cpu.png]
+    python benchmarks/cpu_calibration_report.py [--runs runs/calib] [--plot docs/training-on-cpu.png] [--marks 10,20]
 
 Training is deterministic given its settings, so the validation figures do not depend on how busy the
 machine was; only the time axis does. "CPU minutes" are therefore *idle-machine* minutes: tokens seen
@@ -33,6 +33,7 @@ def load_run(run: Path) -> dict:
         "tokens_per_s": speed,
         "wall_min": evals[-1]["elapsed"] / 60,
         "curve": [(e["tokens"] / speed / 60, e["val_bpb"]) for e in evals],
+        "token_curve": [(e["tokens"] / 1e6, e["val_bpb"]) for e in evals],
         "final_bpb": evals[-1]["val_bpb"],
         "tokens": evals[-1]["tokens"],
     }
@@ -44,16 +45,34 @@ def bpb_at(run: dict, minutes: float) -> float | None:
     return float(np.interp(minutes, xs, ys)) if xs[0] <= minutes <= xs[-1] + 0.25 else None
 
 
-def table(runs: list[dict]) -> str:
+def bpb_after(run: dict, million_tokens: float) -> float | None:
+    """Validation bits/byte after ``million_tokens`` (linear between evaluations), None if not reached."""
+    xs, ys = zip(*run["token_curve"], strict=True)
+    return float(np.interp(million_tokens, xs, ys)) if xs[0] <= million_tokens <= xs[-1] else None
+
+
+def per_token_table(runs: list[dict], marks: list[float]) -> str:
+    """Validation bits/byte after the same numbers of tokens: what each shape learns per token."""
+    lines = ["| variant | params | " + " | ".join(f"after {m:g}M tokens" for m in marks) + " |",
+             "|---|---|" + "---|" * len(marks)]
+    for r in runs:
+        at = [bpb_after(r, m) for m in marks]
+        cells = " | ".join(f"{x:.3f}" if x is not None else "-" for x in at)
+        lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {cells} |")
+    return "\n".join(lines)
+
+
+def table(runs: list[dict], marks: list[float]) -> str:
+    named = " / ".join(f"{m:g}" for m in marks)
     lines = ["| variant | params | optimizer | steps | tokens | tokens/s (idle) | CPU min (idle) | wall min "
-             "| val bits/byte at 10 / 20 min | final val bits/byte |",
+             f"| val bits/byte at {named} min | final val bits/byte |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        at = [bpb_at(r, m) for m in (10, 20)]
-        marks = " / ".join(f"{x:.3f}" if x is not None else "-" for x in at)
+        at = [bpb_at(r, m) for m in marks]
+        read = " / ".join(f"{x:.3f}" if x is not None else "-" for x in at)
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['optimizer']} | {r['steps']} | "
                      f"{r['tokens'] / 1e6:.2f}M | {r['tokens_per_s']:,.0f} | {r['curve'][-1][0]:.1f} | "
-                     f"{r['wall_min']:.1f} | {marks} | **{r['final_bpb']:.3f}** |")
+                     f"{r['wall_min']:.1f} | {read} | **{r['final_bpb']:.3f}** |")
     return "\n".join(lines)
 
 
@@ -83,11 +102,15 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/calib")
     parser.add_argument("--plot", default="docs/training-on-cpu.png")
     parser.add_argument("--json", default="benchmarks/cpu-calibration.json")
+    parser.add_argument("--marks", default="10,20", help="CPU minutes at which the table reads each curve")
+    parser.add_argument("--token-marks", default="", help="millions of tokens for a per-token table, e.g. 2,4,6")
     args = parser.parse_args()
     runs = [load_run(p) for p in sorted(Path(args.runs).iterdir()) if (p / "last" / "config.json").is_file()]
     unfinished = [r["name"] for r in runs if r["steps"] < r["max_steps"]]
     runs = [r for r in runs if r["steps"] >= r["max_steps"]]
-    print(table(runs))
+    print(table(runs, [float(m) for m in args.marks.split(",")]))
+    if args.token_marks:
+        print("\n" + per_token_table(runs, [float(m) for m in args.token_marks.split(",")]))
     if unfinished:
         print(f"\nnot finished (continue: RESUME=1 bash benchmarks/cpu_calibration.sh NAME): {', '.join(unfinished)}")
     plot(runs, Path(args.plot))
