@@ -39,11 +39,14 @@ declare -A ARGS=(
   [d2-llama-6l192-muon]="600 60 --preset llama-16m --n-layer 6 --n-head 3 --d-model 192 ${MUON[*]}"
   [d3-llama-8l320-muon]="300 30 --preset llama-16m --n-layer 8 --n-head 5 --d-model 320 ${MUON[*]}"
   [e-llama-7l320-muon]="330 33 --preset llama-16m --n-layer 7 --n-head 5 --d-model 320 ${MUON[*]}"
+  [f-llama-16m-adamw-b16]="135 14 --preset llama-16m --batch-size 16 ${ADAMW[*]}"
 )
 # Steps per 20 minutes on the AMX Xeon (tokens/s of the probe: c 3,100, d1 5,450, d3 3,310; e estimated
-# from d3, ~3,700, as is its EPYC figure above).
+# from d3, ~3,700, as is its EPYC figure above; f, 8,192 tokens a step, from step_time.py's ratio to d1, ~4,350;
+# its EPYC figure is b's halved, not measured).
 declare -A AMX_STEPS=(
   [c-llama-16m-muon]=908 [d1-llama-6l256-muon]=1597 [d3-llama-8l320-muon]=970 [e-llama-7l320-muon]=1090
+  [f-llama-16m-adamw-b16]=635
 )
 ORDER=(a-gpt2-16m-adamw c-llama-16m-muon d1-llama-6l256-muon b-llama-16m-adamw d2-llama-6l192-muon)
 
