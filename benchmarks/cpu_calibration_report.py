@@ -39,16 +39,20 @@ def load_run(run: Path) -> dict:
     }
 
 
+def read_curve(curve: list[tuple[float, float]], x: float, slack: float = 0.0) -> float | None:
+    """The curve's bits/byte at ``x`` (linear between evaluations), None if the run did not reach it."""
+    xs, ys = zip(*curve, strict=True)
+    return float(np.interp(x, xs, ys)) if xs[0] <= x <= xs[-1] + slack else None
+
+
 def bpb_at(run: dict, minutes: float) -> float | None:
-    """Validation bits/byte at ``minutes`` idle CPU minutes (linear between evaluations), None if not reached."""
-    xs, ys = zip(*run["curve"], strict=True)
-    return float(np.interp(minutes, xs, ys)) if xs[0] <= minutes <= xs[-1] + 0.25 else None
+    """Validation bits/byte at ``minutes`` idle CPU minutes."""
+    return read_curve(run["curve"], minutes, slack=0.25)
 
 
 def bpb_after(run: dict, million_tokens: float) -> float | None:
-    """Validation bits/byte after ``million_tokens`` (linear between evaluations), None if not reached."""
-    xs, ys = zip(*run["token_curve"], strict=True)
-    return float(np.interp(million_tokens, xs, ys)) if xs[0] <= million_tokens <= xs[-1] else None
+    """Validation bits/byte after ``million_tokens``."""
+    return read_curve(run["token_curve"], million_tokens)
 
 
 def per_token_table(runs: list[dict], marks: list[float]) -> str:
@@ -97,6 +101,10 @@ def plot(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def numbers(text: str) -> list[float]:
+    return [float(part) for part in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs/calib")
@@ -108,9 +116,9 @@ def main() -> None:
     runs = [load_run(p) for p in sorted(Path(args.runs).iterdir()) if (p / "last" / "config.json").is_file()]
     unfinished = [r["name"] for r in runs if r["steps"] < r["max_steps"]]
     runs = [r for r in runs if r["steps"] >= r["max_steps"]]
-    print(table(runs, [float(m) for m in args.marks.split(",")]))
+    print(table(runs, numbers(args.marks)))
     if args.token_marks:
-        print("\n" + per_token_table(runs, [float(m) for m in args.token_marks.split(",")]))
+        print("\n" + per_token_table(runs, numbers(args.token_marks)))
     if unfinished:
         print(f"\nnot finished (continue: RESUME=1 bash benchmarks/cpu_calibration.sh NAME): {', '.join(unfinished)}")
     plot(runs, Path(args.plot))
