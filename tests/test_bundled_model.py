@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +36,7 @@ def test_bundled_model_directory():
     assert meta["template"] == "words-v1"  # trained on the request format: --words and "words" are accepted
     points = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
     legs = sorted({m["leg"] for m in points})
-    assert legs == [1, 2, 3, 4, 5, 6, 7, 8]  # every leg's points, counted on (tools/bundle_model.py):
+    assert legs == list(range(1, len(legs) + 1))  # every leg's points, counted on (tools/bundle_model.py):
     for leg in legs[1:]:  # each leg starts after the one before it ended, in steps and in tokens
         before, this = ([m for m in points if m["leg"] == k] for k in (leg - 1, leg))
         assert this[0]["step"] > before[-1]["step"] and this[0]["tokens"] > before[-1]["tokens"]
@@ -76,3 +78,26 @@ def test_penalties_make_greedy_output_repeat_less():
         counts[name] = sum(repeated_trigrams(o[len(tok.encode(p)) :]) for o, p in zip(outs, prompts, strict=True))
     print("repeated 3-grams over 4 prompts x 80 greedy tokens:", counts)
     assert counts["penalised"] < counts["plain"], counts
+
+
+def load_bundle_tool():
+    path = Path(__file__).resolve().parents[1] / "tools" / "bundle_model.py"
+    spec = importlib.util.spec_from_file_location("bundle_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bundling_numbers_the_legs_of_a_resumed_run_and_counts_on_from_an_earlier_model():
+    tool = load_bundle_tool()
+    point = lambda step, **kw: {"kind": "train", "step": step, "tokens": 10 * step, "elapsed": float(step), **kw}  # noqa: E731
+    leg = lambda step: {"kind": "leg", "step": step, "tokens": 10 * step, "elapsed": float(step)}  # noqa: E731
+    # A run begun before `slm train` wrote leg records (its first leg unmarked), then resumed twice.
+    run = [point(1), point(2), leg(2), point(3), leg(3), point(4)]
+    assert [m["leg"] for m in tool.numbered_legs(run)] == [1, 1, 2, 2, 3, 3]
+    assert [m["leg"] for m in tool.numbered_legs([leg(0), point(1), leg(1), point(2)])] == [1, 1, 2, 2]
+    # Fine-tuned (--init-from) from a model whose leg 2 (steps counted on: 6, 8, 10) was taken at its own step 5.
+    earlier = [point(2, leg=1), point(4, leg=1), point(6, leg=2), point(8, leg=2), point(10, leg=2)]
+    joined = tool.joined_metrics(earlier, [leg(0), point(1), leg(1), point(2)], {"steps": 5, "tokens_seen": 50})
+    assert [(m["leg"], m["step"]) for m in joined] == [(1, 2), (1, 4), (2, 6), (2, 8), (3, 9), (3, 10), (4, 10),
+                                                       (4, 11)]

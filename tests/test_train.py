@@ -109,7 +109,7 @@ def test_ddp_two_processes_match_one_process(prepared, tmp_path):
     assert np.allclose(a, b, rtol=1e-4), (a, b)
     assert a[-1] < a[0]
     lines = (ddp / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == len(set(lines)) == 8  # 6 train + 2 eval lines: no rank wrote twice
+    assert len(lines) == len(set(lines)) == 9  # 1 leg + 6 train + 2 eval lines: no rank wrote twice
 
 
 @pytest.mark.parametrize("kwargs, overrides, message", [
@@ -163,9 +163,14 @@ def test_a_run_resumes_on_another_kind_of_cpu_and_precision_follows_it(prepared,
                        progress=False)
         legs.append((result["steps"], result["precision"]))
     assert legs == [(4, "fp32"), (8, "bf16"), (12, "fp32")]
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
-              if json.loads(line)["kind"] == "train"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in records if m["kind"] == "train"]
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
+    starts = [m for m in records if m["kind"] == "leg"]  # each leg's start says what it ran on
+    assert [(m["step"], m["precision"]) for m in starts] == [(0, "fp32"), (4, "bf16"), (8, "fp32")]
+    assert all(m["hardware"].endswith("threads") and m["started"].endswith("Z") for m in starts)
+    step_4 = next(m for m in records if m["kind"] == "train" and m["step"] == 4)
+    assert starts[1]["tokens"] == step_4["tokens"] and starts[1]["elapsed"] >= step_4["elapsed"] > 0
 
 
 def test_compile_unasked_follows_the_run_length_and_the_machine(monkeypatch):

@@ -6,7 +6,8 @@ kept), the metrics of every leg that made it, counted on from the earlier legs, 
 
 ``--earlier``: the metrics of the model the run started from (--init-from), up to the step it was taken at;
 the run's own points follow with steps, tokens and elapsed seconds added to that model's. Every point carries
-its ``leg`` (1 = earliest). The card (README.md) is written by hand; an existing one is kept.
+its ``leg`` (1 = earliest): a run's legs begin at its "leg" records (`slm train` writes one at each start and
+each --resume, with the machine and precision). The card (README.md) is written by hand; an existing one is kept.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def numbered_legs(records: list[dict], first: int = 1) -> list[dict]:
+    """Each record with its leg: a new one at every "leg" record (a run from before those records has its first
+    leg unmarked, so its first point starts leg ``first``)."""
+    leg, numbered = first - 1, []
+    for m in records:
+        if m["kind"] == "leg" or leg < first:
+            leg += 1
+        numbered.append({**m, "leg": leg})
+    return numbered
+
+
 def joined_metrics(earlier: list[dict], run: list[dict], start: dict) -> list[dict]:
     """Earlier legs up to the starting step, then this run's points counted on from the starting model.
 
@@ -41,7 +53,7 @@ def joined_metrics(earlier: list[dict], run: list[dict], start: dict) -> list[di
     before = [m for m in earlier if m["leg"] < legs or m["step"] <= steps]
     elapsed = max((m["elapsed"] for m in before), default=0.0)
     after = [{**m, "step": m["step"] + steps, "tokens": m["tokens"] + tokens,
-              "elapsed": round(m["elapsed"] + elapsed, 1), "leg": legs + 1} for m in run]
+              "elapsed": round(m["elapsed"] + elapsed, 1)} for m in numbered_legs(run, first=legs + 1)]
     return before + after
 
 
@@ -84,7 +96,7 @@ def main() -> None:
     if start and Path(start["model"]).is_relative_to(ROOT):  # no machine's own paths in the repository
         training["init_from"] = {**start, "model": str(Path(start["model"]).relative_to(ROOT))}
     run = read_metrics(Path(args.run) / "metrics.jsonl")
-    metrics = run
+    metrics = numbered_legs(run)
     if args.earlier:
         start = training.get("init_from") or {}
         if not start:

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import signal
 import sys
 import time
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from slm import checkpoint
 from slm.config import ConfigError, ModelConfig, get_preset, setting
-from slm.cpu import bf16_pays
+from slm.cpu import bf16_pays, cpu_info
 from slm.data import BatchSampler, eval_windows, load_meta, mixture, open_mask, open_tokens, trains_on_instruct
 from slm.errors import SlmError
 from slm.files import atomic_write, atomic_write_json
@@ -281,7 +280,9 @@ def hardware(device: torch.device, world: int) -> str:
     if device.type == "cuda":
         what = f"{world}x {torch.cuda.get_device_name(device)}"
     else:
-        what = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        info = cpu_info()
+        features = f" ({', '.join(info.features)})" if info.features else ""
+        what = f"{info.model}{features}, {torch.get_num_threads()} threads"
         if world > 1:
             what = f"{world} processes x {what}"
     return what
@@ -297,7 +298,8 @@ def plot_losses(metrics_path: Path, png: Path, title: str) -> None:
     train, val = [], []
     for line in metrics_path.read_text(encoding="utf-8").splitlines():
         m = json.loads(line)
-        (val if m["kind"] == "eval" else train).append(m)
+        if m["kind"] != "leg":  # a leg's start carries no loss
+            (val if m["kind"] == "eval" else train).append(m)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if train:
         ax.plot([m["tokens"] / 1e6 for m in train], [m["loss"] for m in train], label="train", lw=1, alpha=0.8)
@@ -502,6 +504,15 @@ class Trainer:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
 
+    def record_leg(self) -> None:
+        """Where this leg (the first start, or a --resume) begins and what it runs on: a run trained in legs on
+        different machines keeps each one's hardware and precision next to its points."""
+        s = self.state
+        self.record({"kind": "leg", "step": s.step, "tokens": s.tokens_seen, "elapsed": round(s.elapsed_before, 1),
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "hardware": hardware(self.device, self.world), "precision": "bf16" if self.amp else "fp32",
+                     "compiled": self.compiled})
+
     def save_last(self, val_loss: float | None) -> None:
         s = self.state
         train_state = {"step": s.step, "tokens_seen": s.tokens_seen, "sampler": self.sampler.state(),
@@ -571,6 +582,7 @@ class Trainer:
         cfg, out = self.settings, self.out
         if self.master:
             out.mkdir(parents=True, exist_ok=True)
+            self.record_leg()
             print(f"model {self.model.num_parameters():,} parameters | {self.world} process(es) on {self.device} | "
                   f"{'bf16' if self.amp else 'fp32'} | {'compiled' if self.compiled else 'eager'} | "
                   f"{self.tokens_per_step:,} tokens/step | {cfg.max_steps} steps")
