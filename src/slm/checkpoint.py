@@ -19,7 +19,7 @@ from slm.model import GPT
 from slm.tokenizer import Tokenizer, TokenizerError
 
 FORMAT = "slm-checkpoint"
-DEFAULT_MODEL = "slm-7m-stories"
+DEFAULT_MODEL = "slm-16m-storyteller"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
 
