@@ -37,9 +37,13 @@ def test_bundled_model_directory():
     points = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
     legs = sorted({m["leg"] for m in points})
     assert legs == list(range(1, len(legs) + 1))  # every leg's points, counted on (tools/bundle_model.py):
-    for leg in legs[1:]:  # each leg starts after the one before it ended, in steps and in tokens
-        before, this = ([m for m in points if m["leg"] == k] for k in (leg - 1, leg))
+    logged = [m for m in points if m["kind"] != "leg"]
+    for leg in legs[1:]:  # each leg's points come after the one before it ended, in steps and in tokens
+        before, this = ([m for m in logged if m["leg"] == k] for k in (leg - 1, leg))
         assert this[0]["step"] > before[-1]["step"] and this[0]["tokens"] > before[-1]["tokens"]
+    for start in (m for m in points if m["kind"] == "leg"):  # where a leg began, and on what
+        assert start["precision"] in ("fp32", "bf16") and start["hardware"]
+        assert start["step"] < min(m["step"] for m in logged if m["leg"] == start["leg"])
 
 
 @pytest.mark.slow
