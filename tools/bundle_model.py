@@ -96,12 +96,13 @@ def main() -> None:
     if start and Path(start["model"]).is_relative_to(ROOT):  # no machine's own paths in the repository
         training["init_from"] = {**start, "model": str(Path(start["model"]).relative_to(ROOT))}
     run = read_metrics(Path(args.run) / "metrics.jsonl")
-    metrics = numbered_legs(run)
     if args.earlier:
         start = training.get("init_from") or {}
         if not start:
             raise SystemExit(f"{args.checkpoint}: --earlier needs a run started with --init-from")
         metrics = joined_metrics(read_metrics(Path(args.earlier)), run, start)
+    else:
+        metrics = numbered_legs(run)
     out = ROOT / "models" / args.name
     tmp = out.with_name(out.name + ".new")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -394,6 +394,7 @@ class Trainer:
                       "vocab_size": self.tokenizer.vocab_size}
             self.shape = ModelConfig.from_dict(values)
         self.amp = autocast_dtype(cfg.dtype, self.device)
+        self.precision = "bf16" if self.amp else "fp32"  # this leg's: --dtype auto follows the machine
         train_tokens = open_tokens(self.data_dir, "train", self.meta)
         mask = open_mask(self.data_dir, "train") if cfg.loss_on == "story" else None
         self.sampler = BatchSampler(train_tokens, self.shape.context_length, cfg.seed, mixture(self.meta, cfg.mix),
@@ -492,7 +493,7 @@ class Trainer:
             "tokens_seen": self.state.tokens_seen,
             "wall_time_s": round(self.elapsed(), 1),
             "hardware": hardware(self.device, self.world),
-            "precision": "bf16" if self.amp else "fp32",  # this leg's: --dtype auto follows the machine it runs on
+            "precision": self.precision,
             "compiled": self.compiled,  # this leg's: unset --compile follows the run's length and the machine
             "val_loss": val_loss,
             "best_val_loss": best["val_loss"] if best["step"] is not None else None,
@@ -510,7 +511,7 @@ class Trainer:
         s = self.state
         self.record({"kind": "leg", "step": s.step, "tokens": s.tokens_seen, "elapsed": round(s.elapsed_before, 1),
                      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                     "hardware": hardware(self.device, self.world), "precision": "bf16" if self.amp else "fp32",
+                     "hardware": hardware(self.device, self.world), "precision": self.precision,
                      "compiled": self.compiled})
 
     def save_last(self, val_loss: float | None) -> None:
@@ -584,7 +585,7 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             self.record_leg()
             print(f"model {self.model.num_parameters():,} parameters | {self.world} process(es) on {self.device} | "
-                  f"{'bf16' if self.amp else 'fp32'} | {'compiled' if self.compiled else 'eager'} | "
+                  f"{self.precision} | {'compiled' if self.compiled else 'eager'} | "
                   f"{self.tokens_per_step:,} tokens/step | {cfg.max_steps} steps")
 
         def on_signal(signum, _frame):  # finish the step, save, exit cleanly
