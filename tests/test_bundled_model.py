@@ -105,3 +105,33 @@ def test_bundling_numbers_the_legs_of_a_resumed_run_and_counts_on_from_an_earlie
     joined = tool.joined_metrics(earlier, [leg(0), point(1), leg(1), point(2)], {"steps": 5, "tokens_seen": 50})
     assert [(m["leg"], m["step"]) for m in joined] == [(1, 2), (1, 4), (2, 6), (2, 8), (3, 9), (3, 10), (4, 10),
                                                        (4, 11)]
+
+
+def load_report_tool():
+    path = Path(__file__).resolve().parents[1] / "tools" / "run_report.py"
+    spec = importlib.util.spec_from_file_location("run_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_card_tables_count_each_leg_and_each_hour_of_a_resumed_run():
+    tool = load_bundle_tool()
+    report = load_report_tool()
+
+    def point(kind, step, elapsed, **kw):
+        return {"kind": kind, "step": step, "tokens": 100 * step, "elapsed": elapsed, **kw}
+
+    run = [point("leg", 0, 0.0, hardware="cpu A", precision="bf16", compiled=True),
+           point("train", 10, 1800.0, tokens_per_s=2.0), point("eval", 10, 1800.0, val_bpb=1.5),
+           point("train", 20, 3600.0, tokens_per_s=4.0),
+           point("leg", 20, 3600.0, hardware="cpu B", precision="fp32", compiled=False),
+           point("train", 30, 5400.0, tokens_per_s=6.0), point("eval", 30, 5400.0, val_bpb=1.25),
+           point("train", 40, 7200.0, tokens_per_s=8.0)]
+    assert tool.up_to(run, 20) == run[:4]  # best/ at step 20: the next leg's record and points left out
+    legs = report.legs_table(tool.numbered_legs(run))
+    assert "| 1 | ? | cpu A; bf16, compiled | 0-20 | 2,000 | 1 h 0 min (3,600 s) | 3 (2-4) | 1.500 (10) |" in legs
+    assert "| 2 | ? | cpu B; fp32 | 20-40 | 2,000 | 1 h 0 min (3,600 s) | 7 (6-8) | 1.250 (30) |" in legs
+    assert "Together: 40 optimizer steps, 4,000 tokens, 2 h 0 min (7,200 s), 1 tokens/s overall." in legs
+    hours = report.hour_log(tool.numbered_legs(run)).splitlines()[2:]
+    assert hours == ["| 0-1 | 20 | 2,000 | 1 | 1.500 (step 10) |", "| 1-2 | 40 | 4,000 | 1 | 1.250 (step 30) |"]

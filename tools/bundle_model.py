@@ -57,6 +57,11 @@ def joined_metrics(earlier: list[dict], run: list[dict], start: dict) -> list[di
     return before + after
 
 
+def up_to(metrics: list[dict], step: int) -> list[dict]:
+    """The points that made the checkpoint taken at ``step`` (a run's best/ may be older than its last point)."""
+    return [m for m in metrics if m["step"] < step or (m["step"] == step and m["kind"] != "leg")]
+
+
 def plot(metrics: list[dict], png: Path, title: str) -> None:
     import matplotlib
 
@@ -102,7 +107,7 @@ def main() -> None:
             raise SystemExit(f"{args.checkpoint}: --earlier needs a run started with --init-from")
         metrics = joined_metrics(read_metrics(Path(args.earlier)), run, start)
     else:
-        metrics = numbered_legs(run)
+        metrics = up_to(numbered_legs(run), training["steps"])
     out = ROOT / "models" / args.name
     tmp = out.with_name(out.name + ".new")
     shutil.rmtree(tmp, ignore_errors=True)
