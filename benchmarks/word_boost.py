@@ -6,17 +6,20 @@ Requests as in instruct_words.py (word triples of validation stories of tinystor
 header, 200 tokens at temperature 0.8, seed = request number), once per boost. For each boost: the share of
 the words used, of the stories that use all three, and what the steering costs: the model's own loss on the
 stories it wrote (nats per generated token, scored without any boost: how far the text strays from what the
-model would write), and the share of sentences that repeat an earlier one of the same story.
+model would write), the share of its words that occur nowhere in the validation text of --data (invented
+words: "Lanci", "ballcle"), and the share of sentences that repeat an earlier one of the same story.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
 from bundled_model import repeated, sentences
+from eval_sources import source_documents
 from instruct_words import inclusion, request_prompt, validation_requests, write_stories
 
 from slm import checkpoint
@@ -41,6 +44,19 @@ def own_loss(model: str, prompts: list[str], texts: list[str]) -> float:
     return total / count
 
 
+WORD = re.compile(r"[A-Za-z]+")
+
+
+def known_words(data: str) -> set[str]:
+    """Every word (lower-cased) of the validation documents of ``data``."""
+    return {w.lower() for docs in source_documents(data, 10**9).values() for d in docs for w in WORD.findall(d)}
+
+
+def unknown_share(texts: list[str], known: set[str]) -> float:
+    words = [w.lower() for t in texts for w in WORD.findall(t)]
+    return sum(w not in known for w in words) / max(1, len(words))
+
+
 def repeated_share(texts: list[str]) -> float:
     parts = [sentences(t) for t in texts]
     return sum(map(repeated, parts)) / max(1, sum(map(len, parts)))
@@ -57,19 +73,22 @@ def main() -> None:
     args = ap.parse_args()
     requests = validation_requests(args.data, args.requests)
     prompts = [request_prompt(words, header=True) for words in requests]
+    known = known_words(args.data)
     rows = []
     for boost in map(float, args.boosts.split(",")):
         texts = write_stories(args.model, requests, True, args.tokens, word_boost=boost)
         rows.append({"word_boost": boost, **inclusion(texts, requests),
-                     "own_loss": own_loss(args.model, prompts, texts), "repeated_sentences": repeated_share(texts),
+                     "own_loss": own_loss(args.model, prompts, texts), "unknown_words": unknown_share(texts, known),
+                     "repeated_sentences": repeated_share(texts),
                      "samples": [(list(w), t) for w, t in zip(requests[:3], texts[:3], strict=True)]})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "samples"}), flush=True)
     print(f"\n{args.model}: {len(requests)} requests, {args.tokens} tokens each, temperature 0.8\n")
-    print("| word boost | words used | stories with all three | own loss (nats/token) | sentences repeated |")
-    print("|---|---|---|---|---|")
+    print("| word boost | words used | stories with all three | own loss (nats/token) | invented words "
+          "| sentences repeated |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['word_boost']:g} | {r['words_used']:.1%} | {r['all_three']:.1%} | {r['own_loss']:.3f} | "
-              f"{r['repeated_sentences']:.1%} |")
+              f"{r['unknown_words']:.1%} | {r['repeated_sentences']:.1%} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "rows": rows}, indent=1) + "\n",
                                    encoding="utf-8")

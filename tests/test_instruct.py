@@ -190,18 +190,33 @@ def test_a_model_trained_with_the_template_uses_the_words(tmp_path):
 
 
 # ---- steering decoding toward the words ------------------------------------------------------------------
-SPELLINGS = {" fox": [1], " Fox": [2], " lantern": [3, 4, 5], " Lantern": [6, 4, 5]}
+class FakeTokens:
+    """Spellings as a BPE might split them: " Loud" after one letter, " Lantern" after four."""
+    PIECES = {" fox": [" fox"], " Fox": [" Fox"], " lantern": [" lan", "te", "rn"], " Lantern": [" Lant", "e", "rn"],
+              " loud": [" loud"], " Loud": [" L", "oud"]}
+    VOCAB = sorted({p for pieces in PIECES.values() for p in pieces})
+
+    def encode(self, text: str) -> list[int]:
+        return [self.VOCAB.index(p) for p in self.PIECES[text]]
+
+    def decode(self, ids) -> str:
+        return "".join(self.VOCAB[i] for i in ids)
 
 
 def test_word_guide_boosts_unused_words_and_finishes_started_ones():
-    guide = instruct.WordGuide(SPELLINGS.__getitem__, ["fox", "lantern"], boost=5.0)
-    assert guide.bias([]) == {1: 5.0, 2: 5.0, 3: 5.0, 6: 5.0}  # each spelling's first token
-    assert guide.bias([9, 3]) == {4: 5.0} and guide.bias([9, 3, 4]) == {5: 5.0}  # a started word is finished
-    assert guide.bias([9, 4]) == guide.bias([])  # a middle token alone starts nothing
+    tokens = FakeTokens()
+    guide = instruct.WordGuide(tokens, ["fox", "lantern", "loud"], boost=5.0)
+    fox, lantern, loud = (tokens.encode(" " + w) for w in ("fox", "lantern", "loud"))
+    big_fox, big_lantern = tokens.encode(" Fox"), tokens.encode(" Lantern")
+    first = {fox[0]: 5.0, big_fox[0]: 5.0, lantern[0]: 5.0, big_lantern[0]: 5.0, loud[0]: 5.0}
+    assert guide.bias([]) == first  # each spelling's first token, but not " L" of " L" + "oud": it starts any L-name
+    assert guide.bias([99, lantern[0]]) == {lantern[1]: 5.0}  # a started word is finished
+    assert guide.bias([99, *lantern[:2]]) == {lantern[2]: 5.0}
+    assert guide.bias([99, lantern[1]]) == guide.bias([])  # a middle token alone starts nothing
     guide.update("Once there was a fox")
-    assert guide.unused == ["lantern"] and guide.bias([]) == {3: 5.0, 6: 5.0}
-    guide.update("and two lanterns.")  # an inflection uses the word too
-    assert guide.unused == [] and guide.bias([3]) == {}
+    assert guide.unused == ["lantern", "loud"] and fox[0] not in guide.bias([]) and loud[0] in guide.bias([])
+    guide.update("and two lanterns, loud ones.")  # an inflection uses the word too
+    assert guide.unused == [] and guide.bias(lantern[:1]) == {}
 
 
 def greedy_words(model_dir: Path, words: tuple[str, ...], boost: float) -> str:

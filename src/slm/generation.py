@@ -254,7 +254,7 @@ class Engine:
         if params.words and params.word_boost > 0:
             if self.tokenizer is None:
                 raise GenerationError("requested words need the engine's tokenizer (to find their tokens)")
-            seq.guide = WordGuide(self.tokenizer.encode, params.words, params.word_boost)
+            seq.guide = WordGuide(self.tokenizer, params.words, params.word_boost)
         self.active.append(seq)
         return seq
 

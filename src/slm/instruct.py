@@ -17,8 +17,9 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from slm.errors import SlmError
 
@@ -153,7 +154,13 @@ def used_words(story: str, words: tuple[str, ...] | list[str]) -> list[bool]:
 # ---- decoding: steering toward the requested words ------------------------------------------------------
 WORD_BOOST = 6.0  # the default: 80% of the requested words used (benchmarks/word_boost.py, docs/fine-tuning.md)
 WORD_BOOST_RANGE = (0.0, 20.0)
+MIN_START_LETTERS = 3  # a capitalised spelling whose first token is shorter (" L" + "oud") is not boosted
 USED_TAIL_CHARS = 100  # a word just finished lies in this much of the text's end (MAX_WORD_CHARS and inflections)
+
+
+class TokenCoder(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
 
 
 class WordGuide:
@@ -163,13 +170,24 @@ class WordGuide:
     Each step, every unused word's first token gets ``boost`` added to its logit, for the word with a space in
     front, lower-case and capitalised; when the text already ends with the start of such a spelling, only its
     next token gets it, so a started word is finished. A word stops being boosted once the text uses it (or an
-    inflection: :func:`used_words`)."""
+    inflection: :func:`used_words`).
 
-    def __init__(self, encode: Callable[[str], list[int]], words: Sequence[str], boost: float) -> None:
+    The capitalised spelling is left out where the tokenizer splits it after a letter or two (" L" + "oud"):
+    boosting " L" pushes every name with that letter, and the model starts names that do not finish as the word
+    ("Luli Lanci Lonto"). Left out, the words are used more and invented less (benchmarks/word_boost.py,
+    docs/fine-tuning.md)."""
+
+    def __init__(self, tokenizer: TokenCoder, words: Sequence[str], boost: float) -> None:
         self.boost = boost
         self.unused = list(words)
-        self.spellings = {w: [ids for ids in (encode(" " + w), encode(" " + w.capitalize())) if ids]
-                          for w in words}
+        self.spellings = {w: self._spellings(tokenizer, w) for w in words}
+
+    @staticmethod
+    def _spellings(tokenizer: TokenCoder, word: str) -> list[list[int]]:
+        lower, capital = tokenizer.encode(" " + word), tokenizer.encode(" " + word.capitalize())
+        first_letters = len(tokenizer.decode(capital[:1]).strip())
+        whole_or_long = len(capital) == 1 or first_letters >= MIN_START_LETTERS
+        return [ids for ids in (lower, capital if whole_or_long and capital != lower else []) if ids]
 
     def bias(self, generated: Sequence[int]) -> dict[int, float]:
         """Token id -> logit boost for the next token: the next tokens of the words the text has started, or
