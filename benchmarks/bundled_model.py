@@ -26,7 +26,7 @@ from pathlib import Path
 from types import ModuleType
 
 from eval_sources import source_documents
-from instruct_words import inclusion, validation_requests, write_stories
+from instruct_words import inclusion, known_words, unknown_share, validation_requests, write_stories
 
 import slm
 from slm import checkpoint
@@ -88,7 +88,7 @@ def card_slice(books: list[str]) -> str:
 
 
 def measure(model: str, card_text: str, plain: dict[str, list[str]], requests: list[tuple[str, ...]],
-            tokens: int) -> dict:
+            tokens: int, known: set[str]) -> dict:
     net, tokenizer = checkpoint.load(model)
     header = checkpoint.template(model) is not None
     card = evaluate_text(net, tokenizer, [card_text], "card")["bits_per_byte"]
@@ -96,7 +96,9 @@ def measure(model: str, card_text: str, plain: dict[str, list[str]], requests: l
     alone = write_stories(model, requests, header, tokens)
     steered = write_stories(model, requests, header, tokens, word_boost=WORD_BOOST)
     return {"model": model, "prompt": "header" if header else "plain English", "card_slice": card, "bpb": bpb,
-            **inclusion(alone, requests), "steered": {"word_boost": WORD_BOOST, **inclusion(steered, requests)},
+            **inclusion(alone, requests), "invented": unknown_share(alone, known),
+            "steered": {"word_boost": WORD_BOOST, **inclusion(steered, requests),
+                        "invented": unknown_share(steered, known)},
             "greedy": greedy_stories(net, tokenizer),
             "word_samples": [(list(w), t) for w, t in zip(requests[:3], alone[:3], strict=True)],
             "steered_samples": [(list(w), t) for w, t in zip(requests[:3], steered[:3], strict=True)]}
@@ -116,22 +118,23 @@ def main() -> None:
     requests = validation_requests(args.data, args.requests)
     plain = {k: v for k, v in source_documents(args.data, args.max_tokens).items() if not k.startswith("instruct")}
     books = source_documents(args.data, 10**9)["children-books"]
+    known = known_words(args.data)
     card = Path(args.card_text).read_text(encoding="utf-8") if args.card_text else card_slice(books)
     if args.write_card_text:
         Path(args.write_card_text).write_text(card, encoding="utf-8")
     rows = []
     for model in args.models:
-        rows.append(measure(model, card, plain, requests, args.tokens))
+        rows.append(measure(model, card, plain, requests, args.tokens, known))
         print(json.dumps({k: v for k, v in rows[-1].items() if "samples" not in k and k != "greedy"}), flush=True)
     names = list(plain)
     print(f"\n| model | card slice | {' | '.join(names)} | words used (alone / steered) | all three (alone / steered) "
-          "| greedy: sentences (repeated) |")
-    print("|---" * (5 + len(names)) + "|")
+          "| invented words (alone / steered) | greedy: sentences (repeated) |")
+    print("|---" * (6 + len(names)) + "|")
     for r in rows:
         greedy = ", ".join(f"{g['sentences']} ({g['repeated']})" for g in r["greedy"])
         print(f"| {r['model']} | {r['card_slice']:.3f} | " + " | ".join(f"{r['bpb'][n]:.3f}" for n in names)
               + f" | {r['words_used']:.1%} / {r['steered']['words_used']:.1%} | {r['all_three']:.1%} / "
-              f"{r['steered']['all_three']:.1%} | {greedy} |")
+              f"{r['steered']['all_three']:.1%} | {r['invented']:.1%} / {r['steered']['invented']:.1%} | {greedy} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1) + "\n", encoding="utf-8")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,21 @@ def write_stories(model: str, requests: list[tuple[str, ...]], header: bool, tok
             engine.step()
         texts += [s.text for s in seqs]
     return texts
+
+
+WORD = re.compile(r"[A-Za-z]+")
+
+
+def known_words(data: str) -> set[str]:
+    """Every word (lower-cased) of the validation documents of ``data``."""
+    return {w.lower() for docs in source_documents(data, 10**9).values() for d in docs for w in WORD.findall(d)}
+
+
+def unknown_share(texts: list[str], known: set[str]) -> float:
+    """The share of the words written that are not ``known``: invented ones ("Lanci", "ballcle"), and a few rare
+    real ones the validation text happens not to hold."""
+    words = [w.lower() for t in texts for w in WORD.findall(t)]
+    return sum(w not in known for w in words) / max(1, len(words))
 
 
 def inclusion(texts: list[str], requests: list[tuple[str, ...]]) -> dict:

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import torch
 from bundled_model import repeated, sentences
-from eval_sources import source_documents
-from instruct_words import inclusion, request_prompt, validation_requests, write_stories
+from instruct_words import inclusion, known_words, request_prompt, unknown_share, validation_requests, write_stories
 
 from slm import checkpoint
 
@@ -42,19 +40,6 @@ def own_loss(model: str, prompts: list[str], texts: list[str]) -> float:
         total += float(losses[-len(story) :].sum())
         count += min(len(story), losses.numel())
     return total / count
-
-
-WORD = re.compile(r"[A-Za-z]+")
-
-
-def known_words(data: str) -> set[str]:
-    """Every word (lower-cased) of the validation documents of ``data``."""
-    return {w.lower() for docs in source_documents(data, 10**9).values() for d in docs for w in WORD.findall(d)}
-
-
-def unknown_share(texts: list[str], known: set[str]) -> float:
-    words = [w.lower() for t in texts for w in WORD.findall(t)]
-    return sum(w not in known for w in words) / max(1, len(words))
 
 
 def repeated_share(texts: list[str]) -> float:
