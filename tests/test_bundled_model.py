@@ -84,16 +84,17 @@ def test_penalties_make_greedy_output_repeat_less():
     assert counts["penalised"] < counts["plain"], counts
 
 
-def load_bundle_tool():
-    path = Path(__file__).resolve().parents[1] / "tools" / "bundle_model.py"
-    spec = importlib.util.spec_from_file_location("bundle_model", path)
+def load_tool(name: str):
+    """A script of tools/ as a module."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_bundling_numbers_the_legs_of_a_resumed_run_and_counts_on_from_an_earlier_model():
-    tool = load_bundle_tool()
+    tool = load_tool("bundle_model")
     point = lambda step, **kw: {"kind": "train", "step": step, "tokens": 10 * step, "elapsed": float(step), **kw}  # noqa: E731
     leg = lambda step: {"kind": "leg", "step": step, "tokens": 10 * step, "elapsed": float(step)}  # noqa: E731
     # A run begun before `slm train` wrote leg records (its first leg unmarked), then resumed twice.
@@ -107,17 +108,9 @@ def test_bundling_numbers_the_legs_of_a_resumed_run_and_counts_on_from_an_earlie
                                                        (4, 11)]
 
 
-def load_report_tool():
-    path = Path(__file__).resolve().parents[1] / "tools" / "run_report.py"
-    spec = importlib.util.spec_from_file_location("run_report", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_card_tables_count_each_leg_and_each_hour_of_a_resumed_run():
-    tool = load_bundle_tool()
-    report = load_report_tool()
+    tool = load_tool("bundle_model")
+    report = load_tool("run_report")
 
     def point(kind, step, elapsed, **kw):
         return {"kind": kind, "step": step, "tokens": 100 * step, "elapsed": elapsed, **kw}
