@@ -294,3 +294,25 @@ def test_api_words_change_the_prompt_and_show_it(story_model):
         assert instruct.used_words(steered.json()["result"], ["lantern"]) == [True], steered.text
         bad = httpx.post(f"{url}/v1/completions", json={"prompt": "Once", "words": ["fox"], "word_boost": 21})
         assert bad.status_code == 422 and "word_boost" in bad.text, bad.text
+
+
+def test_only_a_story_end_is_learned(corpus, tmp_path):
+    """A part cut from a longer story ends in <|endoftext|> as well, but the story goes on there: that end is left
+    out of the loss, so the model does not learn to stop a story after a part's few sentences."""
+    meta = prepare([corpus], tmp_path, vocab_size=512, val_fraction=0.1, progress=False, instruct="stories",
+                   instruct_part_chars=150)
+    tok = Tokenizer.load(tmp_path)
+    tokens, mask = open_tokens(tmp_path, "train", meta), open_mask(tmp_path, "train")
+    plain, copies = meta["sources"][0]["train"], meta["sources"][1]["train"]
+    originals = tok.decode(tokens[plain[0] : plain[1]].tolist()).split("<|endoftext|>")[:-1]
+    ends = [i for i in range(*copies) if tokens[i] == tok.eot_id]
+    assert len(ends) > len(originals)  # the stories were cut into parts
+    # Join the parts up to each learned end: that gives back the stories, so exactly their ends are learned.
+    stories, story, start = [], [], copies[0]
+    for end in ends:
+        story.append(tok.decode(tokens[start:end].tolist()).split("Story:\n", 1)[1])
+        if mask[end]:
+            stories.append("\n\n".join(story))
+            story = []
+        start = end + 1
+    assert stories == originals and story == []

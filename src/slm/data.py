@@ -214,6 +214,7 @@ class Doc(NamedTuple):
     text: str
     source: int  # index of its input in meta["sources"]
     header: str = ""  # instruct documents: the request before the story (no loss on it with --loss-on story)
+    ends: bool = True  # False: an instruct part cut from a longer story; its <|endoftext|> is not learned either
 
 
 @dataclass
@@ -272,9 +273,9 @@ class Corpus:
         for k, source in enumerate(self.instruct):
             for index, text in enumerate(self.read(source), first_index[source]):
                 for is_val, part in self.split(text, index):
-                    for head, story in instruct_documents(part, self.seed, self.config.instruct_words,
-                                                          self.config.instruct_part_chars):
-                        yield Doc(is_val, story, n_plain + k, head)
+                    for head, story, ends in instruct_documents(part, self.seed, self.config.instruct_words,
+                                                                self.config.instruct_part_chars):
+                        yield Doc(is_val, story, n_plain + k, head, ends)
 
 
 def instruct_inputs(files: list[Path], spec: str) -> list[int]:
@@ -344,8 +345,8 @@ class TokenWriter:
             split = "val" if doc.is_val else "train"
             n = len(head) + len(ids) + 1  # documents are separated by <|endoftext|>
             self.files[f"{split}.bin"].write(np.asarray(head + ids + [self.tok.eot_id], dtype=self.dtype).tobytes())
-            if self.masks:  # the header is the request, not text to learn
-                self.files[f"{split}.mask"].write(bytes(len(head)) + b"\x01" * (len(ids) + 1))
+            if self.masks:  # the header is the request, and a cut part's end is not a story's end: neither is learned
+                self.files[f"{split}.mask"].write(bytes(len(head)) + b"\x01" * len(ids) + bytes([doc.ends]))
             self.source_tokens[split][doc.source] += n
             stats, n_bytes = self.stats[split], len((doc.header + doc.text).encode("utf-8"))
             stats.documents += 1
@@ -521,7 +522,8 @@ def load_meta(data_dir: str | Path) -> dict:
 
 
 def open_mask(data_dir: str | Path, split: str) -> np.ndarray | None:
-    """The split's loss mask (1 = a token to learn, 0 = an instruct header), if prepare wrote one."""
+    """The split's loss mask (1 = a token to learn; 0 = an instruct header, or the end of a part cut from a
+    longer story), if prepare wrote one."""
     path = Path(data_dir) / f"{split}.mask"
     return np.memmap(path, dtype=np.uint8, mode="r") if path.is_file() and path.stat().st_size else None
 

@@ -19,7 +19,7 @@ import random
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from slm.errors import SlmError
 
@@ -124,10 +124,18 @@ def training_request(story: str, seed: int, n_words: int = N_WORDS) -> StoryRequ
     return StoryRequest(tuple(chosen), detect_features(story))
 
 
+class InstructDocument(NamedTuple):
+    header: str
+    story: str
+    ends: bool  # the document ends here; False for a part cut from a longer one, whose end is not a story's end
+
+
 def instruct_documents(text: str, seed: int, n_words: int = N_WORDS, part_chars: int = STORY_CHARS
-                       ) -> list[tuple[str, str]]:
-    """(header, story) pairs made from one document of a story corpus."""
-    return [(header(training_request(part, seed, n_words)), part) for part in story_parts(text, part_chars)]
+                       ) -> list[InstructDocument]:
+    """The training documents made from one document of a story corpus: a header and a story each."""
+    parts = story_parts(text, part_chars)
+    return [InstructDocument(header(training_request(part, seed, n_words)), part, ends=i == len(parts) - 1)
+            for i, part in enumerate(parts)]
 
 
 # ---- measuring: did the story use the words? ------------------------------------------------------------
