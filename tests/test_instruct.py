@@ -316,3 +316,22 @@ def test_only_a_story_end_is_learned(corpus, tmp_path):
             story = []
         start = end + 1
     assert stories == originals and story == []
+
+
+def test_a_held_out_tails_head_does_not_end(corpus, tmp_path):
+    """With the tail split each document's head is trained on and its tail held out: the <|endoftext|> after a
+    head is not the document's end, so it is not learned (plain or instruct), while each tail's end is."""
+    meta = prepare([corpus], tmp_path, vocab_size=512, val_fraction=0.1, progress=False, instruct="stories",
+                   instruct_part_chars=150, split="tail")
+    eot = Tokenizer.load(tmp_path).eot_id
+    learned = {}
+    for split in ("train", "val"):
+        tokens, mask = open_tokens(tmp_path, split, meta), open_mask(tmp_path, split)
+        for source, name in enumerate(("plain", "instruct")):
+            ends = [i for i in range(*meta["sources"][source][split]) if tokens[i] == eot]
+            learned[split, name] = (sum(int(mask[i]) for i in ends), len(ends))
+    assert learned["train", "plain"][0] == 0 and learned["train", "instruct"][0] == 0
+    assert learned["train", "plain"][1] > 0 and learned["train", "instruct"][1] > learned["train", "plain"][1]
+    n_tails = learned["val", "plain"][1]
+    assert learned["val", "plain"] == (n_tails, n_tails)  # every tail ends its document
+    assert learned["val", "instruct"][0] == n_tails  # one end per tail: its last part's

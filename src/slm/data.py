@@ -214,7 +214,8 @@ class Doc(NamedTuple):
     text: str
     source: int  # index of its input in meta["sources"]
     header: str = ""  # instruct documents: the request before the story (no loss on it with --loss-on story)
-    ends: bool = True  # False: an instruct part cut from a longer story; its <|endoftext|> is not learned either
+    ends: bool = True  # False: a part cut from a longer document (an instruct part, a split's head); its
+    # <|endoftext|> is not learned either
 
 
 @dataclass
@@ -249,15 +250,18 @@ class Corpus:
             iter_hf_dataset(self.hf_dataset or "", field)
         return (t for t in texts if t.strip())
 
-    def split(self, text: str, index: int) -> Iterator[tuple[bool, str]]:
-        """(is validation, text) for one document: whole, or its head and its held-out tail."""
+    def split(self, text: str, index: int) -> Iterator[tuple[bool, str, bool]]:
+        """(is validation, text, whether the document ends there) for one document: whole, or its head and its
+        held-out tail (the head's <|endoftext|> is not the document's end when a tail follows)."""
         if self.mode == "documents":
-            yield is_validation(index, self.seed, self.val_fraction), text
+            yield is_validation(index, self.seed, self.val_fraction), text, True
             return
         cut = tail_cut(text, self.val_fraction) if self.val_fraction else len(text)
-        for is_val, part in ((False, text[:cut]), (True, text[cut:])):
-            if part.strip():
-                yield is_val, part
+        head, tail = text[:cut], text[cut:]
+        if head.strip():
+            yield False, head, not tail.strip()
+        if tail.strip():
+            yield True, tail, True
 
     def documents(self) -> Iterator[Doc]:
         """Every document, input by input (so each input's tokens are contiguous), then the instruct copies of
@@ -267,15 +271,15 @@ class Corpus:
         for source in range(n_plain):
             first_index.append(index)
             for text in self.read(source):
-                for is_val, part in self.split(text, index):
-                    yield Doc(is_val, part, source)
+                for is_val, part, ends in self.split(text, index):
+                    yield Doc(is_val, part, source, ends=ends)
                 index += 1
         for k, source in enumerate(self.instruct):
             for index, text in enumerate(self.read(source), first_index[source]):
-                for is_val, part in self.split(text, index):
+                for is_val, part, part_ends in self.split(text, index):
                     for head, story, ends in instruct_documents(part, self.seed, self.config.instruct_words,
                                                                 self.config.instruct_part_chars):
-                        yield Doc(is_val, story, n_plain + k, head, ends)
+                        yield Doc(is_val, story, n_plain + k, head, ends and part_ends)
 
 
 def instruct_inputs(files: list[Path], spec: str) -> list[int]:
