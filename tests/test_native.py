@@ -35,6 +35,38 @@ def test_the_native_step_computes_what_the_model_computes(tiny_model):
                                    rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_rows_logits_do_not_depend_on_its_batch(arch):
+    """The C step computes its matrix products in tiles of weight rows and batch rows; a row's logits are the same
+    bits whether it is decoded alone or beside others (every batch size up to 9: each tile remainder), and the
+    model's logits to rounding, at widths that are no multiple of a vector (40, 509)."""
+    from slm.config import ModelConfig
+    from slm.model import GPT
+    from slm.native import decoder_for
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=509, context_length=32, n_layer=2, n_head=2, d_model=40, arch=arch)).eval()
+    native = decoder_for(model)
+    assert native is not None
+    tokens = torch.randint(0, 509, (9, 6), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        full = model(tokens)
+        prefilled = KVCache.for_model(model, 9)
+        model(tokens[:, :5], cache=prefilled)  # once: PyTorch's own products may differ with the batch
+
+        def logits(rows: slice) -> torch.Tensor:
+            cache = KVCache.for_model(model, rows.stop - rows.start)
+            cache.k.copy_(prefilled.k[:, rows]), cache.v.copy_(prefilled.v[:, rows])
+            cache.lengths.copy_(prefilled.lengths[rows])
+            return native.step(tokens[rows, 5:6], cache)
+
+        alone = torch.cat([logits(slice(b, b + 1)) for b in range(9)])
+        torch.testing.assert_close(alone, full[:, 5], rtol=1e-5, atol=1e-5)
+        for batch in range(2, 10):
+            assert torch.equal(logits(slice(0, batch)), alone[:batch]), f"batch {batch}"
+
+
 def test_native_fp16_weights_stay_close_and_need_the_native_step(tiny_model, monkeypatch):
     from slm.native import decoder_for
 

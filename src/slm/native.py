@@ -25,7 +25,7 @@ from slm.kv_cache import KVCache
 from slm.model import GPT
 
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 F32 = ctypes.POINTER(ctypes.c_float)
 
 

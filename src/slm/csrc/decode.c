@@ -1,8 +1,9 @@
 /* One decode step of the slm transformer (both families) for a batch of rows, one new token each.
 
    Eager PyTorch spends most of a one-token step on per-operator overhead (docs/decode-speed.md); this is the
-   same arithmetic as slm/model.py in one call: matrix-vector products that stream each weight once for the
-   whole batch, split across OpenMP threads (PyTorch's own OpenMP runtime, so one thread pool), and small
+   same arithmetic as slm/model.py in one call: matrix products that stream each weight once for the whole
+   batch, in register tiles of weight rows x batch rows (benchmarks/batch_step.py), split across OpenMP
+   threads (PyTorch's own OpenMP runtime, so one thread pool), and small
    loops for the norms, rotary positions, attention and activations. Weights and KV cache are the model's
    own fp32 tensors; nothing is copied. Optionally the matrices are read from fp16 copies (half the bytes to
    stream, products still summed in fp32). Built on first use by slm/native.py with the system C compiler. */
@@ -41,45 +42,106 @@ typedef struct {
     int rows, max_len;
 } Cache;
 
-static float dot(const float *w, const float *x, int n) {
-    float sum = 0.0f;
-    #pragma omp simd reduction(+ : sum)
-    for (int k = 0; k < n; k++) sum += w[k] * x[k];
-    return sum;
-}
-
-static float dot_f16(const _Float16 *w, const float *x, int n) {
-    float sum = 0.0f;
-    int k = 0;
-#if defined(__F16C__) && defined(__FMA__)  /* 8 halves widened per instruction, two accumulators */
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (; k + 16 <= n; k += 16) {
-        __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k)));
-        __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k + 8)));
-        acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), acc0);
-        acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), acc1);
-    }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, _mm256_add_ps(acc0, acc1));
-    for (int i = 0; i < 8; i++) sum += lanes[i];
+/* A vector of floats (GCC and Clang vector extensions): as wide as the CPU's registers, AVX-512's 16 lanes or
+   else 8 (AVX2, or whatever -march=native gives). */
+#if defined(__AVX512F__)
+enum { LANES = 16, WROWS = 4 };  /* 32 registers: a 4 x 4 tile of accumulators */
+#else
+enum { LANES = 8, WROWS = 2 };  /* 16 registers: a 2 x 4 tile */
 #endif
-    for (; k < n; k++) sum += (float)w[k] * x[k];
+typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
+enum { BLOCK = 4 };  /* a tile: WROWS weight rows times BLOCK batch rows, one accumulator each */
+
+static inline vec load_f32(const float *p) {
+    vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline vec load_weights(Matrix w, int64_t at) {
+    if (!w.f16) return load_f32(w.f32 + at);
+    vec v;
+#if defined(__F16C__)
+    for (int i = 0; i < LANES; i += 8) {  /* 8 halves widened per instruction */
+        __m256 wide = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w.f16 + at + i)));
+        memcpy((char *)&v + i * sizeof(float), &wide, sizeof wide);
+    }
+#else
+    for (int i = 0; i < LANES; i++) v[i] = (float)w.f16[at + i];
+#endif
+    return v;
+}
+
+static inline float weight(Matrix w, int64_t at) { return w.f16 ? (float)w.f16[at] : w.f32[at]; }
+
+static inline float sum_lanes(vec v) {
+    float sum = 0.0f;
+    for (int i = 0; i < LANES; i++) sum += v[i];
     return sum;
 }
 
-/* out[b, n] = bias[n] + x[b, :] . w[n, :] for b < batch. Each weight row is read once for the whole batch:
-   decode is bound by streaming the weights. */
+/* sums[i][r] = w[row + i, :] . x[r, :] for i < wrows (<= WROWS) and r < rows (<= BLOCK). Each piece of a weight
+   row is loaded once for all the batch rows, and each piece of a batch row once for the weight rows. Every
+   product is summed in the same order whatever the tile, so a row's logits do not depend on the batch it is
+   decoded in. Inlined with constant sizes, so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void dot_tile(Matrix w, int64_t row, const float *x, int n, int wrows,
+                                                           int rows, float sums[WROWS][BLOCK]) {
+    vec acc[WROWS][BLOCK] = {{{0}}};
+    int k = 0;
+    for (; k + LANES <= n; k += LANES) {
+        vec wk[WROWS];
+        for (int i = 0; i < wrows; i++) wk[i] = load_weights(w, row + (int64_t)i * n + k);
+        for (int r = 0; r < rows; r++) {
+            vec xk = load_f32(x + (int64_t)r * n + k);
+            for (int i = 0; i < wrows; i++) acc[i][r] += wk[i] * xk;
+        }
+    }
+    for (int i = 0; i < wrows; i++)
+        for (int r = 0; r < rows; r++) {
+            float sum = sum_lanes(acc[i][r]);
+            for (int j = k; j < n; j++) sum += weight(w, row + (int64_t)i * n + j) * x[(int64_t)r * n + j];
+            sums[i][r] = sum;
+        }
+}
+
+#define TILE(wrows, rows) dot_tile(w, (int64_t)n * n_in, xb, n_in, wrows, rows, sums)
+
+/* out[b, n] = bias[n] + x[b, :] . w[n, :] for b < batch. Each weight row is read once for the whole batch
+   (one row's decode is bound by streaming the weights), in tiles of WROWS x BLOCK products (a larger batch is
+   bound by the multiply-adds, which then share their loads). */
 static void matmul(float *out, const float *x, Matrix w, const float *bias, int batch, int n_in, int n_out) {
     #pragma omp parallel for schedule(static)
-    for (int n = 0; n < n_out; n++) {
-        for (int b = 0; b < batch; b++) {
+    for (int n = 0; n < n_out; n += WROWS) {
+        int wrows = n_out - n < WROWS ? n_out - n : WROWS;
+        for (int b = 0; b < batch; b += BLOCK) {
             const float *xb = x + (int64_t)b * n_in;
-            int64_t row = (int64_t)n * n_in;
-            float sum = w.f16 ? dot_f16(w.f16 + row, xb, n_in) : dot(w.f32 + row, xb, n_in);
-            out[(int64_t)b * n_out + n] = bias ? sum + bias[n] : sum;
+            float sums[WROWS][BLOCK];
+            int rows = batch - b < BLOCK ? batch - b : BLOCK;
+            switch (wrows * 8 + rows) {  /* every tile size, so that each is inlined with constant sizes */
+                case 4 * 8 + 4: TILE(4, 4); break;
+                case 4 * 8 + 3: TILE(4, 3); break;
+                case 4 * 8 + 2: TILE(4, 2); break;
+                case 4 * 8 + 1: TILE(4, 1); break;
+                case 3 * 8 + 4: TILE(3, 4); break;
+                case 3 * 8 + 3: TILE(3, 3); break;
+                case 3 * 8 + 2: TILE(3, 2); break;
+                case 3 * 8 + 1: TILE(3, 1); break;
+                case 2 * 8 + 4: TILE(2, 4); break;
+                case 2 * 8 + 3: TILE(2, 3); break;
+                case 2 * 8 + 2: TILE(2, 2); break;
+                case 2 * 8 + 1: TILE(2, 1); break;
+                case 1 * 8 + 4: TILE(1, 4); break;
+                case 1 * 8 + 3: TILE(1, 3); break;
+                case 1 * 8 + 2: TILE(1, 2); break;
+                default: TILE(1, 1);
+            }
+            for (int i = 0; i < wrows; i++)
+                for (int r = 0; r < rows; r++)
+                    out[(int64_t)(b + r) * n_out + n + i] = bias ? sums[i][r] + bias[n + i] : sums[i][r];
         }
     }
 }
+#undef TILE
 
 static void norm(float *out, const float *x, const float *w, const float *b, int n, float eps, int rms) {
     float mean = 0.0f, var = 0.0f;
