@@ -45,12 +45,14 @@ typedef struct {
 /* A vector of floats (GCC and Clang vector extensions): as wide as the CPU's registers, AVX-512's 16 lanes or
    else 8 (AVX2, or whatever -march=native gives). */
 #if defined(__AVX512F__)
-enum { LANES = 16, WROWS = 4 };  /* 32 registers: a 4 x 4 tile of accumulators */
+#define LANES 16
+#define WROWS 4 /* 32 registers: a 4 x 4 tile of accumulators */
 #else
-enum { LANES = 8, WROWS = 2 };  /* 16 registers: a 2 x 4 tile */
+#define LANES 8
+#define WROWS 2 /* 16 registers: a 2 x 4 tile */
 #endif
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
-enum { BLOCK = 4 };  /* a tile: WROWS weight rows times BLOCK batch rows, one accumulator each */
+#define BLOCK 4 /* a tile: WROWS weight rows times BLOCK batch rows, one accumulator each */
 
 static inline vec load_f32(const float *p) {
     vec v;
@@ -58,39 +60,45 @@ static inline vec load_f32(const float *p) {
     return v;
 }
 
-static inline vec load_weights(Matrix w, int64_t at) {
-    if (!w.f16) return load_f32(w.f32 + at);
-    vec v;
-#if defined(__F16C__)
-    for (int i = 0; i < LANES; i += 8) {  /* 8 halves widened per instruction */
-        __m256 wide = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w.f16 + at + i)));
-        memcpy((char *)&v + i * sizeof(float), &wide, sizeof wide);
-    }
+static inline vec load_weights(Matrix w, int64_t at, int half) {
+    if (!half) return load_f32(w.f32 + at);
+#if defined(__AVX512F__)  /* LANES halves widened in one instruction */
+    return (vec)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w.f16 + at)));
+#elif defined(__F16C__)
+    return (vec)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w.f16 + at)));
 #else
+    vec v;
     for (int i = 0; i < LANES; i++) v[i] = (float)w.f16[at + i];
-#endif
     return v;
+#endif
 }
 
-static inline float weight(Matrix w, int64_t at) { return w.f16 ? (float)w.f16[at] : w.f32[at]; }
+static inline float weight(Matrix w, int64_t at, int half) { return half ? (float)w.f16[at] : w.f32[at]; }
 
-static inline float sum_lanes(vec v) {
-    float sum = 0.0f;
-    for (int i = 0; i < LANES; i++) sum += v[i];
-    return sum;
+typedef float quad __attribute__((vector_size(4 * sizeof(float))));
+
+static inline float sum_lanes(vec v) {  /* quarters added as vectors, then four lanes: few dependent adds */
+    quad q, part;
+    memcpy(&q, &v, sizeof q);
+    for (int i = 4; i < LANES; i += 4) {
+        memcpy(&part, (const char *)&v + i * sizeof(float), sizeof part);
+        q += part;
+    }
+    return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
 /* sums[i][r] = w[row + i, :] . x[r, :] for i < wrows (<= WROWS) and r < rows (<= BLOCK). Each piece of a weight
    row is loaded once for all the batch rows, and each piece of a batch row once for the weight rows. Every
    product is summed in the same order whatever the tile, so a row's logits do not depend on the batch it is
-   decoded in. Inlined with constant sizes, so the accumulators stay in registers. */
+   decoded in. Inlined with constant sizes and weight type (`half`: fp16), so the accumulators stay in registers
+   and the loop has no branch. */
 static inline __attribute__((always_inline)) void dot_tile(Matrix w, int64_t row, const float *x, int n, int wrows,
-                                                           int rows, float sums[WROWS][BLOCK]) {
+                                                           int rows, int half, float sums[WROWS][BLOCK]) {
     vec acc[WROWS][BLOCK] = {{{0}}};
     int k = 0;
     for (; k + LANES <= n; k += LANES) {
         vec wk[WROWS];
-        for (int i = 0; i < wrows; i++) wk[i] = load_weights(w, row + (int64_t)i * n + k);
+        for (int i = 0; i < wrows; i++) wk[i] = load_weights(w, row + (int64_t)i * n + k, half);
         for (int r = 0; r < rows; r++) {
             vec xk = load_f32(x + (int64_t)r * n + k);
             for (int i = 0; i < wrows; i++) acc[i][r] += wk[i] * xk;
@@ -99,12 +107,18 @@ static inline __attribute__((always_inline)) void dot_tile(Matrix w, int64_t row
     for (int i = 0; i < wrows; i++)
         for (int r = 0; r < rows; r++) {
             float sum = sum_lanes(acc[i][r]);
-            for (int j = k; j < n; j++) sum += weight(w, row + (int64_t)i * n + j) * x[(int64_t)r * n + j];
+            for (int j = k; j < n; j++) sum += weight(w, row + (int64_t)i * n + j, half) * x[(int64_t)r * n + j];
             sums[i][r] = sum;
         }
 }
 
-#define TILE(wrows, rows) dot_tile(w, (int64_t)n * n_in, xb, n_in, wrows, rows, sums)
+/* One case per tile size and weight type, so that each is inlined with constants. */
+#define TILE(wrows, rows)                                                                               \
+    case wrows * 8 + rows:                                                                              \
+        if (w.f16) dot_tile(w, (int64_t)n * n_in, xb, n_in, wrows, rows, 1, sums);                      \
+        else dot_tile(w, (int64_t)n * n_in, xb, n_in, wrows, rows, 0, sums);                            \
+        break;
+#define TILES(wrows) TILE(wrows, 4) TILE(wrows, 3) TILE(wrows, 2) TILE(wrows, 1)
 
 /* out[b, n] = bias[n] + x[b, :] . w[n, :] for b < batch. Each weight row is read once for the whole batch
    (one row's decode is bound by streaming the weights), in tiles of WROWS x BLOCK products (a larger batch is
@@ -117,23 +131,11 @@ static void matmul(float *out, const float *x, Matrix w, const float *bias, int 
             const float *xb = x + (int64_t)b * n_in;
             float sums[WROWS][BLOCK];
             int rows = batch - b < BLOCK ? batch - b : BLOCK;
-            switch (wrows * 8 + rows) {  /* every tile size, so that each is inlined with constant sizes */
-                case 4 * 8 + 4: TILE(4, 4); break;
-                case 4 * 8 + 3: TILE(4, 3); break;
-                case 4 * 8 + 2: TILE(4, 2); break;
-                case 4 * 8 + 1: TILE(4, 1); break;
-                case 3 * 8 + 4: TILE(3, 4); break;
-                case 3 * 8 + 3: TILE(3, 3); break;
-                case 3 * 8 + 2: TILE(3, 2); break;
-                case 3 * 8 + 1: TILE(3, 1); break;
-                case 2 * 8 + 4: TILE(2, 4); break;
-                case 2 * 8 + 3: TILE(2, 3); break;
-                case 2 * 8 + 2: TILE(2, 2); break;
-                case 2 * 8 + 1: TILE(2, 1); break;
-                case 1 * 8 + 4: TILE(1, 4); break;
-                case 1 * 8 + 3: TILE(1, 3); break;
-                case 1 * 8 + 2: TILE(1, 2); break;
-                default: TILE(1, 1);
+            switch (wrows * 8 + rows) {
+#if WROWS == 4
+                TILES(4) TILES(3)
+#endif
+                TILES(2) TILES(1)
             }
             for (int i = 0; i < wrows; i++)
                 for (int r = 0; r < rows; r++)
@@ -141,6 +143,7 @@ static void matmul(float *out, const float *x, Matrix w, const float *bias, int 
         }
     }
 }
+#undef TILES
 #undef TILE
 
 static void norm(float *out, const float *x, const float *w, const float *b, int n, float eps, int rms) {
