@@ -220,6 +220,8 @@ class ServingEngine:
         return threading.Thread(target=self._run, name="slm-engine", daemon=True)
 
     def _run(self) -> None:
+        # OpenMP's thread count is per thread: the native step's parallel regions in this one follow torch's setting
+        torch.set_num_threads(torch.get_num_threads())
         with torch.inference_mode():
             while True:
                 try:
