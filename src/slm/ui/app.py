@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import time
 
 import httpx
 import pandas as pd
@@ -29,6 +30,7 @@ API_KEY = os.environ.get("SLM_API_KEY", "")
 LABELS = {"untrained": "Untrained (random weights)", "basic": "Trained, no KV cache", "cached": "Trained + KV cache"}
 ORDER = ["untrained", "basic", "cached"]
 CONTROLS = ("repetition_penalty", "frequency_penalty", "presence_penalty")
+REDRAW_SECONDS = 0.05  # the streamed text is redrawn at most this often: a redraw a token took the cores from the model
 
 
 class ApiError(Exception):
@@ -78,7 +80,7 @@ def stream_cached(prompt: str, settings: dict, story: dict, placeholder) -> dict
     body = {"prompt": prompt, "max_tokens": settings["max_new_tokens"], "temperature": settings["temperature"],
             "top_p": settings["top_p"] or 1.0, "top_k": settings["top_k"], "seed": settings["seed"], "stream": True,
             **controls, **story}
-    text, usage, reason, timing = "", {}, None, {}
+    text, usage, reason, timing, drawn = "", {}, None, {}, 0.0
     with httpx.stream("POST", f"{API_URL}/v1/completions", json=body, headers=headers(), timeout=300) as r:
         if r.status_code >= 400:
             r.read()
@@ -95,7 +97,9 @@ def stream_cached(prompt: str, settings: dict, story: dict, placeholder) -> dict
             reason = choice["finish_reason"] or reason
             usage = event.get("usage", usage)
             timing = event.get("timing", timing)
-            show(placeholder, prompt, text, cursor=True)
+            if time.monotonic() - drawn >= REDRAW_SECONDS:
+                show(placeholder, prompt, text, cursor=True)
+                drawn = time.monotonic()
     show(placeholder, prompt, text)
     return {"result": text, "time": timing.get("seconds", 0.0), "generated_tokens": usage.get("completion_tokens", 0),
             "tokens_per_second": timing.get("tokens_per_second", 0.0), "finish_reason": reason}
