@@ -50,6 +50,14 @@ def build_engine(settings: Settings, metrics: Metrics) -> tuple[ServingEngine, d
     return engine, info
 
 
+async def build_engine_in_passing_thread(settings: Settings, metrics: Metrics) -> tuple[ServingEngine, dict]:
+    """build_engine in a thread that ends with it, so torch's OpenMP threads of the loading end too. Kept alive
+    (as asyncio.to_thread's are), they would outnumber the cores beside the engine's worker, and libgomp then
+    stops spinning between parallel regions: every decode step 2-2.5x slower (benchmarks/worker_thread.py)."""
+    with ThreadPoolExecutor(max_workers=1) as loader:
+        return await asyncio.get_running_loop().run_in_executor(loader, build_engine, settings, metrics)
+
+
 def validation_errors(exc: RequestValidationError) -> list[dict]:
     """One {field, message} per problem; a body that is not JSON is reported as `body` with the position."""
     errors = []
@@ -79,12 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # In a thread that ends when the engine is built: torch's OpenMP threads of the loading end with it. Kept
-        # alive (as asyncio.to_thread's are), they would outnumber the cores beside the engine's worker, and
-        # libgomp then stops spinning between parallel regions: every decode step 2-2.5x slower.
-        with ThreadPoolExecutor(max_workers=1) as loader:
-            served.engine, served.info = await asyncio.get_running_loop().run_in_executor(
-                loader, build_engine, settings, served.metrics)
+        served.engine, served.info = await build_engine_in_passing_thread(settings, served.metrics)
         served.engine.start()
         log.info("serving %s (%s parameters); decode step: %s", resolve(settings.model),
                  f"{served.info['parameters']:,}",
