@@ -286,3 +286,22 @@ def test_bearer_token_auth_and_cors(trained):
 def test_serve_refuses_a_missing_model():
     r = slm_cli("serve", "--model", "/nonexistent/model", "--port", str(free_port()))
     assert r.returncode == 2 and "checkpoint directory not found" in r.stderr
+
+
+def test_the_engine_is_built_in_a_thread_that_ends(trained, monkeypatch):
+    """Loading the model gives the loading thread torch's OpenMP threads; kept alive beside the engine's worker,
+    they outnumber a small machine's cores and every decode step slows (benchmarks/worker_thread.py). So the
+    engine is built in a thread of its own, which has ended by the time the server answers."""
+    import slm.server.app as server_app
+
+    builders, real = [], server_app.build_engine
+
+    def build_engine(*args):
+        builders.append(threading.current_thread())
+        return real(*args)
+
+    monkeypatch.setattr(server_app, "build_engine", build_engine)
+    with app_server(trained) as (url, _):
+        assert httpx.get(f"{url}/health").status_code == 200
+        [builder] = builders
+        assert builder.name != "test-uvicorn" and not builder.is_alive()
