@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -88,7 +89,8 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = checkpoint.load(args.model)
+    with ThreadPoolExecutor(max_workers=1) as loader:  # loaded as the server loads it (benchmarks/worker_thread.py)
+        model, tokenizer = loader.submit(checkpoint.load, args.model).result()
     rows = {"alone": measure(ServingEngine, model, tokenizer, args, with_basic=False),
             "beside basic, by turns": measure(ByTurns, model, tokenizer, args, with_basic=True),
             "beside basic, by time": measure(ServingEngine, model, tokenizer, args, with_basic=True)}
