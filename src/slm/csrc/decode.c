@@ -210,7 +210,8 @@ static void attention(const Model *m, const Cache *c, int layer, float *qkv, flo
             memcpy(c->v + slot, v + g * hd, sizeof(float) * hd);
         }
     }
-    #pragma omp parallel for collapse(2) schedule(static) if (batch > 1)
+    /* Heads in parallel, a lone row's too: past a few hundred tokens attention is a good part of its step. */
+    #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < batch; b++)
         for (int h = 0; h < m->n_head; h++) {
             int64_t head = (((int64_t)layer * c->rows + b) * kv + h / group) * c->max_len * hd;
