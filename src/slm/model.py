@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slm.attention import causal_attention
 from slm.config import ModelConfig
 from slm.kv_cache import KVCache
 
@@ -79,9 +80,11 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.write(self.layer, k, v, attend.start)
         dropout = self.dropout if self.training else 0.0
-        gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend.mask, is_causal=attend.causal, dropout_p=dropout,
-                                           **gqa)
+        if attend.causal:
+            y = causal_attention(q, k, v, dropout)
+        else:
+            gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend.mask, dropout_p=dropout, **gqa)
         y = self.c_proj(y.transpose(1, 2).reshape(b, t, c))
         return F.dropout(y, dropout, self.training) if dropout else y
 
