@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slm.attention import causal_attention
 from slm.config import ModelConfig
 from slm.kv_cache import KVCache
+from slm.training_kernels import causal_attention, head_loss
 
 
 def rotary_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,7 +246,7 @@ class GPT(nn.Module):
             x = x[torch.arange(b, device=x.device), logits_at]
         x = self.ln_f(x)
         if targets is not None:  # the loss in here, so that torch.compile fuses it with the head (in fp32)
-            return F.cross_entropy(F.linear(x, self.wte.weight).float().flatten(0, 1), targets.flatten())
+            return head_loss(x, self.wte.weight, targets)
         if torch.is_grad_enabled():  # training (or any caller that wants gradients): through the tied weight
             return F.linear(x, self.wte.weight)
         return x @ self._head_weight_t()  # inference: a cached transposed copy, faster for decode steps

@@ -1,4 +1,4 @@
-"""The blocked attention backward of compiled bf16 CPU training (slm.attention) against autograd's gradients."""
+"""The paths of compiled bf16 CPU training (slm.training_kernels) against autograd's gradients."""
 
 from __future__ import annotations
 
@@ -8,10 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import slm.attention
-from slm.attention import _flash_forward, causal_attention_backward, uses_blocked_backward
+import slm.training_kernels
 from slm.config import ModelConfig
 from slm.model import GPT
+from slm.training_kernels import (
+    _flash_forward,
+    causal_attention_backward,
+    head_loss_and_gradients,
+    uses_blocked_backward,
+)
 
 
 def reference_gradients(q, k, v, grad_out):  # noqa: ANN001, ANN201
@@ -49,14 +54,36 @@ def test_it_is_taken_only_by_compiled_bf16_training_without_dropout_or_shared_he
         assert not uses_blocked_backward(q, kv_shared, 0.0)
         with torch.no_grad():
             assert not uses_blocked_backward(q, q, 0.0)
+        monkeypatch.setattr(slm.training_kernels, "QUERY_BLOCK", 0)  # off: PyTorch's kernel
+        assert not uses_blocked_backward(q, q, 0.0)
+
+
+def test_chunked_head_loss_gives_autograds_loss_and_gradients(monkeypatch):
+    """150 tokens in chunks of 64 (the last one partial), some targets left out (-100): the loss and both
+    gradients equal autograd's through F.cross_entropy (to fp32's precision, the softmax's)."""
+    monkeypatch.setattr(slm.training_kernels, "LOSS_CHUNK", 64)
+    torch.manual_seed(0)
+    x, weight = torch.randn(150, 32, dtype=torch.float64), torch.randn(96, 32, dtype=torch.float64)
+    targets = torch.randint(0, 96, (150,))
+    targets[::7] = -100
+    loss, grad_x, grad_weight = head_loss_and_gradients(x, weight, targets)
+    leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_()]
+    want = F.cross_entropy(F.linear(*leaves), targets)
+    want.backward()
+    assert abs(loss.item() - want.item()) < 1e-5  # the softmax in fp32
+    assert relative_error(grad_x, leaves[0].grad) < 1e-5
+    assert relative_error(grad_weight, leaves[1].grad) < 1e-5
 
 
 def test_compiled_bf16_training_uses_it_and_matches_eager(monkeypatch):
-    """The real model, compiled under bf16 autocast: its backward goes through the blocked attention and its
-    gradients agree with eager bf16 training's (PyTorch's kernel) to bf16's precision."""
-    traced = []
-    monkeypatch.setattr(slm.attention, "causal_attention_backward",
+    """The real model, compiled under bf16 autocast: its backward goes through the blocked attention, its loss
+    through the chunked head, and its loss and gradients agree with eager bf16 training's (PyTorch's kernels)
+    to bf16's precision."""
+    traced, loss_traced = [], []
+    monkeypatch.setattr(slm.training_kernels, "causal_attention_backward",
                         lambda *a: traced.append(1) or causal_attention_backward(*a))
+    monkeypatch.setattr(slm.training_kernels, "head_loss_and_gradients",
+                        lambda *a: loss_traced.append(1) or head_loss_and_gradients(*a))
     config = ModelConfig(vocab_size=128, context_length=160, n_layer=2, n_head=2, d_model=64, arch="llama")
     torch.manual_seed(0)
     eager = GPT(config)
@@ -67,7 +94,7 @@ def test_compiled_bf16_training_uses_it_and_matches_eager(monkeypatch):
         compiled_loss = torch.compile(compiled)(tokens, targets=targets)
     eager_loss.backward()
     compiled_loss.backward()
-    assert len(traced) == config.n_layer
+    assert (len(traced), len(loss_traced)) == (config.n_layer, 1)
     assert abs(eager_loss.item() - compiled_loss.item()) < 0.01
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         assert relative_error(b.grad, a.grad) < 0.03, name

@@ -1,0 +1,149 @@
+"""Two paths of compiled bf16 training on a CPU, rewritten because PyTorch's are slow there.
+
+- Causal attention: PyTorch's CPU flash-attention backward takes about five times its forward in bf16, so at
+  ``cpu-7m``'s width attention was a third of a training step (docs/training-on-cpu.md). The backward here
+  recomputes the attention weights from the forward's log-sum-exp, one block of query rows at a time against
+  only the keys those rows may see, as batched bf16 matrix products (AMX where the CPU has it).
+- The head and its cross-entropy: computed a chunk of tokens at a time with the gradients worked out in the
+  same pass (softmax minus the one-hot target is the logits' gradient), so the fp32 log-probabilities of
+  every token are never stored and read back.
+
+Both rely on torch.compile to fuse the elementwise work between their matrix products; uncompiled that work
+is many separate passes and slower than PyTorch's own kernels, so the model takes them only while
+torch.compile traces it for bf16 CPU training (``compiled_bf16_cpu_training``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Query rows an attention backward block recomputes, and tokens whose logits the loss takes at once: the
+# fastest sizes measured (docs/training-on-cpu.md). 0 turns a path off (benchmarks/training_kernels.py).
+QUERY_BLOCK = 128
+LOSS_CHUNK = 1024
+IGNORE_INDEX = -100  # targets left out of the loss (F.cross_entropy's default)
+
+
+def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's CPU flash attention (causal): the output and each query row's log-sum-exp of its scores."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+    return out, lse
+
+
+def causal_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                              lse: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gradients of causal softmax attention for ``q, k, v [B, H, T, D]``, rebuilt block by block from ``lse``.
+
+    Each block of query rows ``r0:r1`` sees keys ``0:r1``: weights ``p = exp(q k^T * scale - lse)`` (zero above
+    the diagonal), then ``dv += p^T do``, ``ds = p * (do v^T - rowsum(do * out)) * scale``, ``dq = ds k``,
+    ``dk += ds^T q``. Products run in the inputs' dtype, the weights and the sums of the blocks' parts in fp32.
+    The blocks' parts are gathered in lists rather than added into slices: torch.compile turns each slice
+    update into a copy of the whole tensor.
+    """
+    scale = q.shape[-1] ** -0.5
+    t = q.shape[2]
+    q, k, v, grad_out = (x.contiguous() for x in (q, k, v, grad_out))  # row blocks become views, not copies
+    delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)  # rowsum(do * out): softmax's backward term
+    dq_blocks, dk_parts, dv_parts = [], [], []
+    for r0 in range(0, t, QUERY_BLOCK):
+        r1 = min(t, r0 + QUERY_BLOCK)
+        q_rows, grad_rows, keys, values = q[:, :, r0:r1], grad_out[:, :, r0:r1], k[:, :, :r1], v[:, :, :r1]
+        weights = torch.exp(torch.matmul(q_rows, keys.transpose(-1, -2)).float() * scale - lse[:, :, r0:r1, None])
+        future = torch.ones(r1 - r0, r1, dtype=torch.bool, device=q.device).triu_(r0 + 1)  # keys after each row
+        weights = weights.masked_fill(future, 0.0)
+        dv_parts.append(torch.matmul(weights.to(q.dtype).transpose(-1, -2), grad_rows))
+        grad_weights = torch.matmul(grad_rows, values.transpose(-1, -2)).float()
+        grad_scores = (weights * (grad_weights - delta[:, :, r0:r1]) * scale).to(q.dtype)
+        dq_blocks.append(torch.matmul(grad_scores, keys))
+        dk_parts.append(torch.matmul(grad_scores.transpose(-1, -2), q_rows))
+    return torch.cat(dq_blocks, dim=2), _sum_of_parts(dk_parts, t), _sum_of_parts(dv_parts, t)
+
+
+def _sum_of_parts(parts: list[torch.Tensor], t: int) -> torch.Tensor:
+    """Add up per-block gradients ``[B, H, n, D]`` that cover positions ``0:n`` of ``t``, in fp32."""
+    total = sum(F.pad(part.float(), (0, 0, 0, t - part.shape[2])) for part in parts)
+    return total.to(parts[0].dtype)
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        out, lse = _flash_forward(q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+        return causal_attention_backward(*ctx.saved_tensors, grad_out)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products run in: autocast's where it is on, else the tensor's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def compiled_bf16_cpu_training(x: torch.Tensor) -> bool:
+    """Whether torch.compile is tracing a bf16 training step on a CPU: where the paths here are faster."""
+    return (torch.compiler.is_compiling() and torch.is_grad_enabled() and x.device.type == "cpu"
+            and compute_dtype(x) == torch.bfloat16)
+
+
+def uses_blocked_backward(q: torch.Tensor, k: torch.Tensor, dropout: float) -> bool:
+    """Whether ``causal_attention`` takes the blocked backward: no dropout, no shared key/value heads."""
+    return QUERY_BLOCK > 0 and compiled_bf16_cpu_training(q) and not dropout and q.shape[1] == k.shape[1]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention of ``q, k, v [B, H, T, D]``: the blocked backward where it is faster, else PyTorch's SDPA."""
+    if uses_blocked_backward(q, k, dropout):
+        return _CausalAttention.apply(*(x.to(torch.bfloat16) for x in (q, k, v)))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def head_loss_and_gradients(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                            grad_weight_wanted: bool = True) -> tuple[torch.Tensor, ...]:
+    """Mean cross-entropy of the logits ``x @ weight.T`` (``x [N, C]``) against ``targets [N]`` (IGNORE_INDEX
+    left out), with its gradients for ``x`` and (if wanted) ``weight``, LOSS_CHUNK tokens at a time.
+
+    Matrix products in ``x``'s dtype, the logits' softmax in fp32, the weight's gradient summed in fp32.
+    """
+    w = weight.to(x.dtype)
+    counted = targets != IGNORE_INDEX
+    count = counted.sum()
+    losses, grad_x_chunks, grad_weight = [], [], torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+    for c0 in range(0, x.shape[0], LOSS_CHUNK):
+        x_chunk, chunk_targets = x[c0:c0 + LOSS_CHUNK], targets[c0:c0 + LOSS_CHUNK].clamp(min=0)
+        weight_of_row = counted[c0:c0 + LOSS_CHUNK, None] / count  # 1/count, or 0 for a left-out target
+        logits = (x_chunk @ w.t()).float()
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        losses.append(((lse - logits.gather(1, chunk_targets[:, None])) * weight_of_row).sum())
+        onehot = (torch.arange(logits.shape[1], device=x.device) == chunk_targets[:, None]).to(logits.dtype)
+        grad_logits = ((torch.exp(logits - lse) - onehot) * weight_of_row).to(x.dtype)
+        grad_x_chunks.append(grad_logits @ w)
+        if grad_weight_wanted:
+            grad_weight = grad_weight + (grad_logits.t() @ x_chunk).float()
+    return torch.stack(losses).sum(), torch.cat(grad_x_chunks), grad_weight
+
+
+class _HeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        loss, grad_x, grad_weight = head_loss_and_gradients(x, weight, targets, ctx.needs_input_grad[1])
+        ctx.save_for_backward(grad_x, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        grad_x, grad_weight = ctx.saved_tensors
+        return grad_x * grad_loss, grad_weight * grad_loss, None
+
+
+def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the logits ``x @ weight.T`` (``x [B, T, C]``) against ``targets [B, T]``, its
+    softmax in fp32: chunked with its gradients in the same pass where that is faster, else PyTorch's."""
+    if LOSS_CHUNK > 0 and compiled_bf16_cpu_training(x):
+        return _HeadLoss.apply(x.flatten(0, 1).to(torch.bfloat16), weight, targets.flatten())
+    return F.cross_entropy(F.linear(x, weight).float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
