@@ -71,11 +71,12 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     median = {name: statistics.median(ts) for name, ts in times.items()}
-    base = median["fp32 eager"] if args.fp32 else median[next(iter(median))]
+    base_name = "fp32 eager" if args.fp32 else next(iter(median))
+    base = median[base_name]
     info = cpu_info()
     print(f"{args.preset} on {info.model} ({info.threads} threads, {' '.join(info.features)}), {tokens:,} tokens a "
           f"step, median of {args.rounds} rounds of 3 steps\n")
-    print("| variant | QUERY_BLOCK | LOSS_CHUNK | s a step | tokens/s | vs first |\n|---|---|---|---|---|---|")
+    print(f"| variant | QUERY_BLOCK | LOSS_CHUNK | s a step | tokens/s | vs {base_name} |\n|---|---|---|---|---|---|")
     for name, sizes in variants.items():
         block, chunk = sizes if sizes else ("-", "-")
         print(f"| {name} | {block} | {chunk} | {median[name]:.3f} | {tokens / median[name]:,.0f} | "
