@@ -75,7 +75,8 @@ def test_chunked_head_loss_gives_autograds_loss_and_gradients(monkeypatch):
     assert relative_error(grad_weight, leaves[1].grad) < 1e-5
 
 
-def test_compiled_bf16_training_uses_it_and_matches_eager(monkeypatch):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_compiled_bf16_training_uses_them_and_matches_eager(monkeypatch, arch):
     """The real model, compiled under bf16 autocast: its backward goes through the blocked attention, its loss
     through the chunked head, and its loss and gradients agree with eager bf16 training's (PyTorch's kernels)
     to bf16's precision."""
@@ -84,7 +85,7 @@ def test_compiled_bf16_training_uses_it_and_matches_eager(monkeypatch):
                         lambda *a: traced.append(1) or causal_attention_backward(*a))
     monkeypatch.setattr(slm.training_kernels, "head_loss_and_gradients",
                         lambda *a: loss_traced.append(1) or head_loss_and_gradients(*a))
-    config = ModelConfig(vocab_size=128, context_length=160, n_layer=2, n_head=2, d_model=64, arch="llama")
+    config = ModelConfig(vocab_size=128, context_length=160, n_layer=2, n_head=2, d_model=64, arch=arch, dropout=0.0)
     torch.manual_seed(0)
     eager = GPT(config)
     compiled = copy.deepcopy(eager)

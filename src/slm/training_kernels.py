@@ -43,7 +43,7 @@ def causal_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     scale = q.shape[-1] ** -0.5
     t = q.shape[2]
-    q, k, v, grad_out = (x.contiguous() for x in (q, k, v, grad_out))  # row blocks become views, not copies
+    q, k, v, grad_out = (x.contiguous() for x in (q, k, v, grad_out))  # one dense layout, whatever the caller gave
     delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)  # rowsum(do * out): softmax's backward term
     dq_blocks, dk_parts, dv_parts = [], [], []
     for r0 in range(0, t, QUERY_BLOCK):
