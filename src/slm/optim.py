@@ -66,7 +66,8 @@ class Muon(torch.optim.Muon):
                                            self.ns_dtype)
                 step_size = _adjust_lr(lr, group["adjust_lr_fn"], shape)
                 for i, update in zip(indices, orthogonal.unbind(0), strict=True):
-                    params[i].mul_(1 - lr * group["weight_decay"])
+                    if group["weight_decay"]:  # 0 by default: no pass over the matrix multiplying it by 1
+                        params[i].mul_(1 - lr * group["weight_decay"])
                     params[i].add_(update, alpha=-step_size)
 
 
