@@ -50,4 +50,6 @@ def test_info_describes_the_machine():
     assert "presets (parameters):" in r.stdout
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     assert (f"C++ compiler: {cxx})" if cxx else "none found, so eager on the CPU") in r.stdout
+    bf16 = "train --dtype auto: bf16 autocast" in r.stdout
+    assert ("compiled bf16 steps take slm's own attention backward" in r.stdout) == bool(bf16 and cxx)
 

@@ -49,7 +49,8 @@ def machine_report() -> list[str]:
         f"train --dtype auto: {'bf16 autocast' if bf16 else 'fp32'} (bf16 needs >= {BF16_MIN_SPEEDUP:g}x); "
         f"Muon's iteration: {'bf16' if bf16 else 'fp32'}",
         f"train --compile unset: on for runs of {COMPILE_MIN_STEPS}+ steps where torch.compile works (C++ compiler: "
-        + (f"{cxx})" if cxx else "none found, so eager on the CPU)"),
+        + (f"{cxx})" if cxx else "none found, so eager on the CPU)")
+        + ("; compiled bf16 steps take slm's own attention backward and chunked loss" if bf16 and cxx else ""),
         "decoding: " + ("the native C step (fp32 weights; --decode-weights fp16 for the fp16 copies)" if compiler and
                         native.enabled() else "the PyTorch step (" + ("SLM_NATIVE=0" if not native.enabled()
                                                                     else "no C compiler found") + ")"),
