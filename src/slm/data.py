@@ -23,6 +23,7 @@ from slm.errors import SlmError
 from slm.files import atomic_write_json
 from slm.instruct import MAX_WORDS, N_WORDS, STORY_CHARS, TEMPLATE, instruct_documents
 from slm.tokenizer import Tokenizer
+from slm.training_kernels import IGNORE_INDEX
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -546,7 +547,7 @@ class BatchSampler:
     the samples that one process with batch N*B sees.
     """
 
-    IGNORE = -100  # a target that cross_entropy leaves out (its default ignore_index)
+    IGNORE = IGNORE_INDEX  # a target the training loss leaves out
 
     def __init__(self, tokens: np.ndarray, context: int, seed: int,
                  mix: list[tuple[int, int, float]] | None = None, mask: np.ndarray | None = None) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 # fastest sizes measured (docs/training-on-cpu.md). 0 turns a path off (benchmarks/training_kernels.py).
 QUERY_BLOCK = 128
 LOSS_CHUNK = 1024
-IGNORE_INDEX = -100  # targets left out of the loss (F.cross_entropy's default)
+IGNORE_INDEX = -100  # targets left out of the loss (F.cross_entropy's default; data.py's masked targets)
 
 
 def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
