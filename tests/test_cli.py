@@ -4,6 +4,8 @@ and once as the real console entry point in a subprocess."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -160,6 +162,15 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(cli, "cmd_info", broken)
     with pytest.raises(ValueError, match="a bug"):
         cli.main(["info"])
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`slm info | head -1`: the reader is gone before slm writes, so every write fails; no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "slm.cli", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    proc.stdout.close()  # the only reader: slm's first write gets EPIPE
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
 def test_bench_settings_mistake_is_one_line(capsys):

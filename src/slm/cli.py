@@ -418,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"slm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `slm info | head` closed the pipe: stop quietly, as other shell tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not raise
+        return 141
 
 
 if __name__ == "__main__":
