@@ -18,14 +18,27 @@ def test_the_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
     cpu.bf16_speedup.cache_clear()
     timed = []
     real = cpu.seconds_per_matmul
-    monkeypatch.setattr(cpu, "seconds_per_matmul", lambda dtype: timed.append(dtype) or real(dtype))
+    monkeypatch.setattr(cpu, "seconds_per_matmul", lambda a, seconds: timed.append(a.dtype) or real(a, seconds))
     first = cpu.bf16_speedup()
-    assert first > 0 and timed == [torch.float32, torch.bfloat16]
+    assert first > 0 and timed == [torch.float32, torch.bfloat16] * cpu.PROBE_ROUNDS  # in turns
     saved = [json.loads(p.read_text()) for p in (tmp_path / "slm").glob("cpu-probe-*.json")]
     assert len(saved) == 1 and saved[0]["bf16_speedup"] == first and saved[0]["threads"] == torch.get_num_threads()
     cpu.bf16_speedup.cache_clear()
-    assert cpu.bf16_speedup() == first and len(timed) == 2  # read back, not measured again
+    assert cpu.bf16_speedup() == first and len(timed) == 2 * cpu.PROBE_ROUNDS  # read back, not measured again
     cpu.bf16_speedup.cache_clear()
+
+
+def test_an_instruction_set_cap_is_probed_on_its_own(monkeypatch):
+    """A run under ONEDNN_MAX_CPU_ISA=AVX2 (say) has other bf16 kernels: it must not read the uncapped answer."""
+    from slm import cpu
+
+    info = cpu.cpu_info()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    uncapped = cpu.probe_key(info)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert cpu.probe_key(info) != uncapped
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert cpu.probe_key(info) == uncapped
 
 
 def test_auto_follows_the_measurement_not_the_flags(monkeypatch):

@@ -1,10 +1,11 @@
 """What this CPU is, and whether bf16 pays on it: the measured probe behind ``--dtype auto``.
 
-The flags alone do not say it: an AVX2-only CPU runs bf16 matrix products several times slower than fp32
-(PyTorch converts in software), one with AVX512-BF16/AMX several times faster, and a virtual machine may
+The flags alone do not say it: an AVX2-only CPU runs bf16 matrix products ~50x slower than fp32 (PyTorch
+converts in software), one with AVX512-BF16 ~2x faster and one with AMX more, and a virtual machine may
 report flags its host does not honour. So ``auto`` times the same matrix product in both precisions once
 per CPU (a fraction of a second) and keeps the answer in the cache directory, keyed by the CPU's name, its
-flags, the torch version and the thread count.
+flags, the torch version, the thread count and any instruction-set cap in force (``ATEN_CPU_CAPABILITY``,
+``ONEDNN_MAX_CPU_ISA``, ``MKL_ENABLE_INSTRUCTIONS``: a capped run has other kernels than an uncapped one).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -23,8 +25,13 @@ import torch
 # Flags that decide the fast paths: AVX2/FMA (fp32 matmuls, the native step), F16C (its fp16 weights),
 # AVX-512 and AVX512-BF16/AMX (bf16 matmuls).
 FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-BF16_MIN_SPEEDUP = 2.0  # bf16 matmuls this much faster than fp32: training gains despite autocast's casts
-PROBE_SIZE, PROBE_SECONDS = 256, 0.1  # square matrices; each precision is timed for about this long
+# bf16 matmuls this much faster than fp32: training gains despite autocast's casts. Measured (cpu-7m, eager,
+# docs/training-on-cpu.md): probe 0.38 -> bf16 steps 0.54x fp32's, probe 2.15 -> 1.47x; 1.5 sits between.
+BF16_MIN_SPEEDUP = 1.5
+# Square matrices of PROBE_SIZE (at 256 the ratio moved 1.6-1.9 between runs, at 512 2.13-2.18), timed in
+# PROBE_ROUNDS turns of about ROUND_SECONDS per precision.
+PROBE_SIZE, PROBE_ROUNDS, ROUND_SECONDS = 512, 5, 0.02
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")  # libraries' caps; ATen's shows in its capability
 
 
 @dataclass(frozen=True)
@@ -51,25 +58,37 @@ def cpu_info() -> CpuInfo:
                    features=tuple(f for f in FEATURES if f in flags))
 
 
-def seconds_per_matmul(dtype: torch.dtype) -> float:
-    a = torch.randn(PROBE_SIZE, PROBE_SIZE).to(dtype)
-    b = torch.randn(PROBE_SIZE, PROBE_SIZE).to(dtype)
-    a @ b  # warm-up: first-call dispatch and any kernel JIT
+def seconds_per_matmul(a: torch.Tensor, seconds: float) -> float:
+    """Mean seconds of ``a @ a`` over about ``seconds`` (at least one product)."""
     start, runs = time.perf_counter(), 0
-    while runs < 3 or time.perf_counter() - start < PROBE_SECONDS:
-        a @ b
+    while runs < 1 or time.perf_counter() - start < seconds:
+        a @ a
         runs += 1
     return (time.perf_counter() - start) / runs
 
 
+def measure_bf16_speedup() -> float:
+    """fp32 seconds / bf16 seconds of the same product. The precisions take turns and each keeps its best
+    turn: another process slowing the machine only ever adds time, and it adds it to both."""
+    matrices = {dtype: torch.randn(PROBE_SIZE, PROBE_SIZE).to(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    for a in matrices.values():
+        a @ a  # warm-up: first-call dispatch and any kernel JIT
+    best = dict.fromkeys(matrices, math.inf)
+    for _ in range(PROBE_ROUNDS):
+        for dtype, a in matrices.items():
+            best[dtype] = min(best[dtype], seconds_per_matmul(a, ROUND_SECONDS))
+    return best[torch.float32] / best[torch.bfloat16]
+
+
 def probe_key(info: CpuInfo) -> str:
-    text = f"{info.model}|{cpuinfo_field('flags')}|{torch.__version__}|{info.threads}|{PROBE_SIZE}"
+    caps = [torch.backends.cpu.get_cpu_capability()] + [os.environ.get(name, "") for name in ISA_CAPS]
+    text = f"{info.model}|{cpuinfo_field('flags')}|{torch.__version__}|{info.threads}|{PROBE_SIZE}|{caps}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @cache
 def bf16_speedup() -> float:
-    """fp32 seconds / bf16 seconds of a 256x256x256 matrix product here (measured once per CPU, cached)."""
+    """fp32 seconds / bf16 seconds of a matrix product here (measured once per CPU, cached)."""
     from slm.native import cache_dir  # the same cache directory as the native step's builds
 
     info = cpu_info()
@@ -78,7 +97,7 @@ def bf16_speedup() -> float:
         return float(json.loads(path.read_text())["bf16_speedup"])
     except (OSError, ValueError, KeyError):
         pass
-    speedup = seconds_per_matmul(torch.float32) / seconds_per_matmul(torch.bfloat16)
+    speedup = measure_bf16_speedup()
     with contextlib.suppress(OSError):  # a read-only cache: measure again next time
         path.write_text(json.dumps({"cpu": info.model, "threads": info.threads, "torch": torch.__version__,
                                     "bf16_speedup": speedup}) + "\n")
