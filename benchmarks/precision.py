@@ -6,7 +6,7 @@ Both runs train ``--preset`` from scratch with its own recipe, the same seed (so
 order), 4,096 tokens a step, 2 threads, and score the same 64 validation windows every 100 steps; only
 ``--dtype`` differs, and with ``--compile`` the bf16 run is compiled too (what a long `slm train` does unasked
 where bf16 pays), against fp32 eager. `--dtype auto` picks bf16 only where a measured bf16 matrix product is at
-least 2x fp32's (`slm info`), and it may only do so if the loss does not suffer: the table says by how much the
+least 1.5x fp32's (`slm info`), and it may only do so if the loss does not suffer: the table says by how much the
 two runs' validation bits/byte differ at each evaluation (the goal: within 0.01 over 300 steps). Run it on an
 idle machine: the tokens/s are medians of the logged steps (the first, which holds any compiling, left out).
 """
