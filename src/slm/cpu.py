@@ -28,8 +28,8 @@ FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile", "amx_bf
 # bf16 matmuls this much faster than fp32: training gains despite autocast's casts. Measured (cpu-7m, eager,
 # docs/training-on-cpu.md): probe 0.38 -> bf16 steps 0.54x fp32's, probe 2.15 -> 1.47x; 1.5 sits between.
 BF16_MIN_SPEEDUP = 1.5
-# Square matrices of PROBE_SIZE (at 256 the ratio moved 1.6-1.9 between runs, at 512 2.13-2.18), timed in
-# PROBE_ROUNDS turns of about ROUND_SECONDS per precision.
+# Square matrices of PROBE_SIZE, timed in PROBE_ROUNDS turns of about ROUND_SECONDS per precision: on an
+# AVX512-BF16 EPYC this reads 2.13-2.40, where 256^3 timed once each way read 1.57-1.94 (benchmarks/bf16_probe.py).
 PROBE_SIZE, PROBE_ROUNDS, ROUND_SECONDS = 512, 5, 0.02
 ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")  # libraries' caps; ATen's shows in its capability
 
