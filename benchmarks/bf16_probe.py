@@ -33,8 +33,7 @@ def one_after_the_other(size: int) -> float:
 
 
 def in_turns(size: int) -> float:
-    cpu.PROBE_SIZE = size
-    return cpu.measure_bf16_speedup()
+    return cpu.measure_bf16_speedup(size)
 
 
 def readings(repeats: int) -> dict:

@@ -67,10 +67,10 @@ def seconds_per_matmul(a: torch.Tensor, seconds: float) -> float:
     return (time.perf_counter() - start) / runs
 
 
-def measure_bf16_speedup() -> float:
-    """fp32 seconds / bf16 seconds of the same product. The precisions take turns and each keeps its best
-    turn: another process slowing the machine only ever adds time, and it adds it to both."""
-    matrices = {dtype: torch.randn(PROBE_SIZE, PROBE_SIZE).to(dtype) for dtype in (torch.float32, torch.bfloat16)}
+def measure_bf16_speedup(size: int = PROBE_SIZE) -> float:
+    """fp32 seconds / bf16 seconds of the same ``size``-square product. The precisions take turns and each keeps
+    its best turn: another process slowing the machine only ever adds time, and it adds it to both."""
+    matrices = {dtype: torch.randn(size, size).to(dtype) for dtype in (torch.float32, torch.bfloat16)}
     for a in matrices.values():
         a @ a  # warm-up: first-call dispatch and any kernel JIT
     best = dict.fromkeys(matrices, math.inf)
