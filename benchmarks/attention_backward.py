@@ -1,11 +1,12 @@
-"""Milliseconds for one layer's causal attention backward in bf16: PyTorch's flash kernel against the blocked one.
+"""Milliseconds for one layer's causal attention in bf16: PyTorch's flash kernels against the blocked ones.
 
     python benchmarks/attention_backward.py [--shape 8,4] [--blocks 64,128,256,512] [--json F]
 
 ``--shape B,H``: a batch of B sequences of 512 positions, H heads of 64 (8,4 is `cpu-7m`'s training batch,
 16,6 `llama-16m`'s). Times PyTorch's flash attention forward and forward + backward (its backward is the
 difference), then `slm.training_kernels.causal_attention_backward` at each QUERY_BLOCK, compiled (how training
-runs it) and, at 128, uncompiled, on the same inputs, 2 threads, median of 5 rounds of 5 calls.
+runs it) and, at 128, uncompiled, and `causal_attention_forward` compiled at each QUERY_BLOCK, on the same
+inputs, 2 threads, median of 5 rounds of 5 calls.
 """
 
 from __future__ import annotations
@@ -63,10 +64,12 @@ def main() -> None:
         kernels.QUERY_BLOCK = block
         compiled = torch.compile(kernels.causal_attention_backward, dynamic=False)
         figures[f"blocked {block}, compiled"] = milliseconds(lambda c=compiled: c(q, k, v, out, lse, grad_out))
+        compiled = torch.compile(kernels.causal_attention_forward, dynamic=False)
+        figures[f"blocked forward {block}, compiled"] = milliseconds(lambda c=compiled: c(q, k, v))
         torch.compiler.reset()
     info = cpu_info()
     print(f"{batch} x {heads} heads x {T} positions x {D}, bf16, on {info.model} ({info.threads} threads)\n")
-    print("| backward | ms a layer |\n|---|---|")
+    print("| kernel | ms a layer |\n|---|---|")
     for name, ms in figures.items():
         print(f"| {name} | {ms:.1f} |")
     if args.json:

@@ -1,9 +1,10 @@
 """Seconds per compiled bf16 training step with slm.training_kernels' paths on and off, side by side in one run.
 
     python benchmarks/training_kernels.py --data runs/v4/data [--preset cpu-7m] [--rounds 7] [--json F]
-        [--variants "pytorch:0:0,attention:128:0,both:128:1024"] [--fp32]
+        [--variants "pytorch:0:0,attention:128:0,both:128:1024,forward:128:1024:1"] [--fp32]
 
-Each variant is ``name:QUERY_BLOCK:LOSS_CHUNK`` (0 = PyTorch's own path). Builds the run `slm train --preset P
+Each variant is ``name:QUERY_BLOCK:LOSS_CHUNK[:BLOCKED_FORWARD]`` (0 = PyTorch's own path; the forward is
+flash attention unless the fourth field is 1, and only with QUERY_BLOCK > 0). Builds the run `slm train --preset P
 --dtype bf16 --compile` would for every variant (2 threads, scratch --out dirs), compiles each with its sizes
 set, then takes turns: each round runs 3 steps of every variant with that variant's sizes set again, so the
 compiled code of each is the one it was traced with (torch.compile guards on the sizes) and a machine that
@@ -25,20 +26,22 @@ from train_profile import build
 import slm.training_kernels as kernels
 from slm.cpu import cpu_info
 
-DEFAULT_VARIANTS = "pytorch:0:0,attention:128:0,loss:0:1024,both:128:1024"
+DEFAULT_VARIANTS = "pytorch:0:0,attention:128:0,loss:0:1024,both:128:1024,forward:128:1024:1"
+Sizes = tuple[int, int, int]  # QUERY_BLOCK, LOSS_CHUNK, BLOCKED_FORWARD
 
 
-def parse_variants(text: str) -> dict[str, tuple[int, int]]:
+def parse_variants(text: str) -> dict[str, Sizes]:
     variants = {}
     for item in text.split(","):
-        name, block, chunk = item.split(":")
-        variants[name] = (int(block), int(chunk))
+        name, block, chunk, *forward = item.split(":")
+        variants[name] = (int(block), int(chunk), int(forward[0]) if forward else 0)
     return variants
 
 
-def use(sizes: tuple[int, int] | None) -> None:
+def use(sizes: Sizes | None) -> None:
     if sizes is not None:
-        kernels.QUERY_BLOCK, kernels.LOSS_CHUNK = sizes
+        kernels.QUERY_BLOCK, kernels.LOSS_CHUNK, forward = sizes
+        kernels.BLOCKED_FORWARD = bool(forward)
 
 
 def main() -> None:
@@ -50,7 +53,7 @@ def main() -> None:
     parser.add_argument("--fp32", action="store_true", help="also time fp32 eager (the issue's baseline)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    variants: dict[str, tuple[int, int] | None] = dict(parse_variants(args.variants))
+    variants: dict[str, Sizes | None] = dict(parse_variants(args.variants))
     scratch = Path(tempfile.mkdtemp(prefix="slm-kernels-"))
     try:
         trainers = {}
@@ -76,10 +79,12 @@ def main() -> None:
     info = cpu_info()
     print(f"{args.preset} on {info.model} ({info.threads} threads, {' '.join(info.features)}), {tokens:,} tokens a "
           f"step, median of {args.rounds} rounds of 3 steps\n")
-    print(f"| variant | QUERY_BLOCK | LOSS_CHUNK | s a step | tokens/s | vs {base_name} |\n|---|---|---|---|---|---|")
+    print(f"| variant | QUERY_BLOCK | LOSS_CHUNK | forward | s a step | tokens/s | vs {base_name} |\n"
+          "|---|---|---|---|---|---|---|")
     for name, sizes in variants.items():
-        block, chunk = sizes if sizes else ("-", "-")
-        print(f"| {name} | {block} | {chunk} | {median[name]:.3f} | {tokens / median[name]:,.0f} | "
+        block, chunk, forward = sizes if sizes else ("-", "-", 0)
+        forward_name = "blocked" if forward and block else "flash" if block else "-"
+        print(f"| {name} | {block} | {chunk} | {forward_name} | {median[name]:.3f} | {tokens / median[name]:,.0f} | "
               f"{base / median[name]:.2f}x |")
     if args.json:
         rows = [{"variant": n, "sizes": variants[n], "seconds": times[n], "median": median[n]} for n in variants]

@@ -14,6 +14,7 @@ from slm.model import GPT
 from slm.training_kernels import (
     _flash_forward,
     causal_attention_backward,
+    causal_attention_forward,
     head_loss_and_gradients,
     uses_blocked_backward,
 )
@@ -30,13 +31,33 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def reference_log_sum_exp(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Each query row's log-sum-exp of its scaled scores against the keys up to it, in fp64."""
+    scores = q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5
+    future = torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1)
+    return torch.logsumexp(scores.masked_fill(future, float("-inf")), dim=-1)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 0.01)])
+def test_blocked_forward_gives_sdpas_output_and_each_rows_log_sum_exp(dtype, tolerance):
+    """200 positions: one whole block of query rows and a partial one (see the backward's test)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 200, 16).to(dtype) for _ in range(3))
+    out, lse = causal_attention_forward(q, k, v)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    assert out.dtype == dtype and out.shape == want.shape and lse.shape == (2, 3, 200)
+    assert relative_error(out, want) < tolerance
+    assert (lse.double() - reference_log_sum_exp(q, k)).abs().max().item() < 10 * tolerance
+
+
+@pytest.mark.parametrize("forward", [_flash_forward, causal_attention_forward])
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-4), (torch.bfloat16, 0.02)])
-def test_blocked_backward_gives_autograds_gradients(dtype, tolerance):
+def test_blocked_backward_gives_autograds_gradients(dtype, tolerance, forward):
     """200 positions: one whole block of query rows and a partial one, so both the masked diagonal and the keys
-    a later block adds are covered."""
+    a later block adds are covered. From either forward's output and log-sum-exp."""
     torch.manual_seed(0)
     q, k, v, grad_out = (torch.randn(2, 3, 200, 16).to(dtype) for _ in range(4))
-    out, lse = _flash_forward(q, k, v)
+    out, lse = forward(q, k, v)
     got = causal_attention_backward(q, k, v, out, lse, grad_out)
     for name, mine, want in zip("qkv", got, reference_gradients(q, k, v, grad_out), strict=True):
         assert mine.dtype == dtype and mine.shape == want.shape
@@ -75,14 +96,18 @@ def test_chunked_head_loss_gives_autograds_loss_and_gradients(monkeypatch):
     assert relative_error(grad_weight, leaves[1].grad) < 1e-5
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_compiled_bf16_training_uses_them_and_matches_eager(monkeypatch, arch):
-    """The real model, compiled under bf16 autocast: its backward goes through the blocked attention, its loss
-    through the chunked head, and its loss and gradients agree with eager bf16 training's (PyTorch's kernels)
-    to bf16's precision."""
-    traced, loss_traced = [], []
+@pytest.mark.parametrize(("arch", "blocked_forward"), [("gpt2", False), ("llama", True)])
+def test_compiled_bf16_training_uses_them_and_matches_eager(monkeypatch, arch, blocked_forward):
+    """The real model, compiled under bf16 autocast: its backward goes through the blocked attention (its
+    forward through flash attention or the blocked one, whichever is set: the CPU decides), its loss through
+    the chunked head, and its loss and gradients agree with eager bf16 training's (PyTorch's kernels) to bf16's
+    precision."""
+    traced, forward_traced, loss_traced = [], [], []
+    monkeypatch.setattr(slm.training_kernels, "BLOCKED_FORWARD", blocked_forward)
     monkeypatch.setattr(slm.training_kernels, "causal_attention_backward",
                         lambda *a: traced.append(1) or causal_attention_backward(*a))
+    monkeypatch.setattr(slm.training_kernels, "causal_attention_forward",
+                        lambda *a: forward_traced.append(1) or causal_attention_forward(*a))
     monkeypatch.setattr(slm.training_kernels, "head_loss_and_gradients",
                         lambda *a: loss_traced.append(1) or head_loss_and_gradients(*a))
     config = ModelConfig(vocab_size=128, context_length=160, n_layer=2, n_head=2, d_model=64, arch=arch, dropout=0.0)
@@ -95,7 +120,8 @@ def test_compiled_bf16_training_uses_them_and_matches_eager(monkeypatch, arch):
         compiled_loss = torch.compile(compiled)(tokens, targets=targets)
     eager_loss.backward()
     compiled_loss.backward()
-    assert (len(traced), len(loss_traced)) == (config.n_layer, 1)
+    assert (len(traced), len(forward_traced), len(loss_traced)) == (config.n_layer,
+                                                                    config.n_layer * blocked_forward, 1)
     assert abs(eager_loss.item() - compiled_loss.item()) < 0.01
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         assert relative_error(b.grad, a.grad) < 0.03, name

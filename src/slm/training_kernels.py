@@ -3,7 +3,8 @@
 - Causal attention: PyTorch's CPU flash-attention backward takes about five times its forward in bf16, so at
   ``cpu-7m``'s width attention was a third of a training step (docs/training-on-cpu.md). The backward here
   recomputes the attention weights from the forward's log-sum-exp, one block of query rows at a time against
-  only the keys those rows may see, as batched bf16 matrix products (AMX where the CPU has it).
+  only the keys those rows may see, as batched bf16 matrix products (AMX where the CPU has it). Where the CPU
+  has no AMX, PyTorch's flash forward is slow too, and the forward is computed the same blocked way.
 - The head and its cross-entropy: computed a chunk of tokens at a time with the gradients worked out in the
   same pass (softmax minus the one-hot target is the logits' gradient), so the fp32 log-probabilities of
   every token are never stored and read back.
@@ -22,6 +23,9 @@ import torch.nn.functional as F
 # fastest sizes measured (docs/training-on-cpu.md). 0 turns a path off (benchmarks/training_kernels.py).
 QUERY_BLOCK = 128
 LOSS_CHUNK = 1024
+# PyTorch's flash forward runs its products on AMX tiles (4.8-5.6 ms a cpu-7m layer); without AMX it took
+# 16-24 ms where the blocked forward takes 10-12 on an AVX512-BF16 EPYC (docs/training-on-cpu.md).
+BLOCKED_FORWARD = not torch.cpu._is_amx_tile_supported()
 IGNORE_INDEX = -100  # targets left out of the loss (F.cross_entropy's default; data.py's masked targets)
 
 
@@ -29,6 +33,28 @@ def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[t
     """PyTorch's CPU flash attention (causal): the output and each query row's log-sum-exp of its scores."""
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
     return out, lse
+
+
+def _block_scores(q_rows: torch.Tensor, keys: torch.Tensor, r0: int) -> torch.Tensor:
+    """Scaled fp32 scores of query rows ``r0:`` against keys ``0:r1``, -inf where a key is after its row."""
+    scores = torch.matmul(q_rows, keys.transpose(-1, -2)).float() * q_rows.shape[-1] ** -0.5
+    future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q_rows.device).triu_(r0 + 1)
+    return scores.masked_fill(future, float("-inf"))
+
+
+def causal_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal softmax attention of ``q, k, v [B, H, T, D]`` and each query row's log-sum-exp, QUERY_BLOCK rows at
+    a time against the keys those rows see: what ``_flash_forward`` returns, with the weights rounded to the
+    inputs' dtype before their product with ``v`` (as the backward rounds them)."""
+    t = q.shape[2]
+    out_blocks, lse_blocks = [], []
+    for r0 in range(0, t, QUERY_BLOCK):
+        r1 = min(t, r0 + QUERY_BLOCK)
+        scores = _block_scores(q[:, :, r0:r1], k[:, :, :r1], r0)
+        lse = torch.logsumexp(scores, dim=-1)
+        out_blocks.append(torch.matmul(torch.exp(scores - lse[..., None]).to(q.dtype), v[:, :, :r1]))
+        lse_blocks.append(lse)
+    return torch.cat(out_blocks, dim=2), torch.cat(lse_blocks, dim=2)
 
 
 def causal_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -49,9 +75,7 @@ def causal_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for r0 in range(0, t, QUERY_BLOCK):
         r1 = min(t, r0 + QUERY_BLOCK)
         q_rows, grad_rows, keys, values = q[:, :, r0:r1], grad_out[:, :, r0:r1], k[:, :, :r1], v[:, :, :r1]
-        weights = torch.exp(torch.matmul(q_rows, keys.transpose(-1, -2)).float() * scale - lse[:, :, r0:r1, None])
-        future = torch.ones(r1 - r0, r1, dtype=torch.bool, device=q.device).triu_(r0 + 1)  # keys after each row
-        weights = weights.masked_fill(future, 0.0)
+        weights = torch.exp(_block_scores(q_rows, keys, r0) - lse[:, :, r0:r1, None])  # 0 after each row
         dv_parts.append(torch.matmul(weights.to(q.dtype).transpose(-1, -2), grad_rows))
         grad_weights = torch.matmul(grad_rows, values.transpose(-1, -2)).float()
         grad_scores = (weights * (grad_weights - delta[:, :, r0:r1]) * scale).to(q.dtype)
@@ -69,7 +93,7 @@ def _sum_of_parts(parts: list[torch.Tensor], t: int) -> torch.Tensor:
 class _CausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        out, lse = _flash_forward(q, k, v)
+        out, lse = (causal_attention_forward if BLOCKED_FORWARD else _flash_forward)(q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
