@@ -1,6 +1,6 @@
 """Training tokens/s on each kind of CPU, from `benchmarks/step_time.py --json` files: one picture.
 
-    python benchmarks/step_time_plot.py benchmarks/step-time-zen4.json ... --out docs/step-time.png
+    python benchmarks/step_time_plot.py benchmarks/step-time-zen4-forward.json ... --out docs/step-time.png
 
 One group of bars per file (CPU kind x preset): fp32 and bf16, eager and compiled, each bar labelled with its
 ratio to fp32 eager. The kind is named by the file's CPU features (AMX, AVX512-BF16 or AVX2).
