@@ -19,13 +19,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from slm.cpu import cpu_info
+
 # Query rows an attention backward block recomputes, and tokens whose logits the loss takes at once: the
 # fastest sizes measured (docs/training-on-cpu.md). 0 turns a path off (benchmarks/training_kernels.py).
 QUERY_BLOCK = 128
 LOSS_CHUNK = 1024
 # PyTorch's flash forward runs its products on AMX tiles (4.8-5.6 ms a cpu-7m layer); without AMX it took
 # 16-24 ms where the blocked forward takes 10-12 on an AVX512-BF16 EPYC (docs/training-on-cpu.md).
-BLOCKED_FORWARD = not torch.cpu._is_amx_tile_supported()
+BLOCKED_FORWARD = "amx_tile" not in cpu_info().features
 IGNORE_INDEX = -100  # targets left out of the loss (F.cross_entropy's default; data.py's masked targets)
 
 
