@@ -18,6 +18,7 @@ import pytest
 from conftest import TINY_STEPS
 from helpers import quick_cfg
 from slm.data import DataError, load_meta
+from slm.run_dir import RunDirError
 from slm.train import TrainError, train
 
 
@@ -130,7 +131,7 @@ def test_train_unprepared_data_and_resume_errors(prepared, tmp_path):
     with pytest.raises(TrainError, match="no resumable run"):
         train(prepared, tmp_path / "r", quick_cfg(), resume=True, progress=False)
     train(prepared, tmp_path / "r", quick_cfg(max_steps=2), progress=False)
-    with pytest.raises(TrainError, match="already holds a run"):
+    with pytest.raises(RunDirError, match="already holds a run"):
         train(prepared, tmp_path / "r", quick_cfg(max_steps=2), progress=False)
     with pytest.raises(TrainError, match="different model shape"):
         train(prepared, tmp_path / "r", quick_cfg(max_steps=4), {"n_layer": 2}, resume=True, progress=False)

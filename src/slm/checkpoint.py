@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,17 @@ def run_checkpoint(path: Path) -> Path | None:
     return None
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with its I/O failures (a full disk) raised as the OSError they are."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e
+
+
 def save(
     model: GPT,
     tokenizer: Tokenizer,
@@ -70,7 +82,7 @@ def save(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(out / "model.safetensors", lambda tmp: save_tensors(tensors, tmp, metadata={"format": "pt"}))
     tokenizer.save(out / "tokenizer.json")
     meta = {
         "format": FORMAT,
@@ -104,8 +116,8 @@ def template(name_or_path: str | Path) -> str | None:
     return read_config(resolve(name_or_path)).get("template")
 
 
-def load(name_or_path: str | Path = "default", device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """Load a checkpoint directory (or ``"default"``, the bundled model) as an fp32 model in eval mode."""
+def checkpoint_dir(name_or_path: str | Path) -> Path:
+    """The checkpoint directory a name stands for, refused when it is missing, a file or pickle weights."""
     path = resolve(name_or_path)
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
@@ -115,34 +127,93 @@ def load(name_or_path: str | Path = "default", device: str | torch.device = "cpu
     if not path.is_dir():
         hint = " (the bundled model is missing from models/)" if str(name_or_path) == "default" else ""
         raise CheckpointError(f"checkpoint directory not found: {path}{hint}")
-    weights = path / "model.safetensors"
-    if not weights.is_file():
+    if not (path / "model.safetensors").is_file():
         pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:
             raise CheckpointError(f"{path} holds pickle weights ({', '.join(pickles)}) and no model.safetensors; "
                                   "slm refuses pickle because loading it can run code")
         raise CheckpointError(f"{path}: model.safetensors is missing")
-    meta = read_config(path)
+    return path
+
+
+def model_config(path: Path) -> ModelConfig:
     try:
-        config = ModelConfig.from_dict(meta["model"])
+        return ModelConfig.from_dict(read_config(path)["model"])
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}/config.json: {e}") from e
+
+
+def load_tokenizer(path: Path, config: ModelConfig) -> Tokenizer:
     try:
         tokenizer = Tokenizer.load(path / "tokenizer.json")
     except TokenizerError as e:
         raise CheckpointError(str(e)) from e
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, model only {config.vocab_size}")
+    return tokenizer
+
+
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
+
+
+def weight_shapes(weights: Path) -> dict[str, list[int]]:
+    """Each tensor's shape, from a safetensors file's header (no weights read); a file cut short is refused."""
+    size = weights.stat().st_size
+    with open(weights, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > min(size - 8, MAX_HEADER_BYTES):
+            raise CheckpointError(f"{weights}: not a safetensors file, or cut short ({size:,} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            needed = 8 + n + max((v["data_offsets"][1] for v in tensors.values()), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{weights}: not a safetensors file (its header: {e})") from e
+    if needed > size:
+        raise CheckpointError(f"{weights} is cut short: {size:,} bytes of the {needed:,} its header describes")
+    return {k: list(v["shape"]) for k, v in tensors.items()}
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, list[int]]:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        return {k: list(v.shape) for k, v in GPT(config).state_dict().items()}
+
+
+def check_shapes(config: ModelConfig, found: dict[str, list[int]], weights: Path) -> None:
+    """Refuse weights that do not fit config.json, naming the tensors and their shapes."""
+    wanted = expected_shapes(config)
+    problems = [f"{k} is {found[k]} in the weights but {v} by config.json" for k, v in wanted.items()
+                if k in found and found[k] != v]
+    missing, unexpected = sorted(set(wanted) - set(found)), sorted(set(found) - set(wanted))
+    problems += [f"missing {', '.join(missing[:3])}{' ...' * (len(missing) > 3)}"] if missing else []
+    problems += [f"unexpected {', '.join(unexpected[:3])}{' ...' * (len(unexpected) > 3)}"] if unexpected else []
+    if problems:
+        hint = f" (config.json: vocab_size {config.vocab_size}, d_model {config.d_model}, n_layer {config.n_layer})"
+        raise CheckpointError(f"{weights} does not match config.json: {'; '.join(problems[:3])}{hint}")
+
+
+def check(name_or_path: str | Path = "default") -> Path:
+    """What load() checks, without reading the weights (for `slm serve` before it starts); returns the path."""
+    path = checkpoint_dir(name_or_path)
+    config = model_config(path)
+    load_tokenizer(path, config)
+    check_shapes(config, weight_shapes(path / "model.safetensors"), path / "model.safetensors")
+    return path
+
+
+def load(name_or_path: str | Path = "default", device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """Load a checkpoint directory (or ``"default"``, the bundled model) as an fp32 model in eval mode."""
+    path = checkpoint_dir(name_or_path)
+    weights = path / "model.safetensors"
+    config = model_config(path)
+    tokenizer = load_tokenizer(path, config)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights}: cannot read weights ({e})") from e
+    check_shapes(config, {k: list(v.shape) for k, v in state.items()}, weights)
     model = GPT(config)
-    try:
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0] if str(e) else "shape or key mismatch"
-        raise CheckpointError(f"{weights} does not match config.json: {first}") from e
-    if tokenizer.vocab_size > config.vocab_size:
-        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, model only {config.vocab_size}")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.to(device).eval(), tokenizer
 
 
@@ -164,7 +235,11 @@ def save_run_checkpoint(final: Path, write: Callable[[Path], object]) -> None:
     tmp = final.with_name(final.name + ".new")
     if tmp.exists():
         shutil.rmtree(tmp)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the room it took, on a full disk
+        raise
     swap_in(tmp, final)
 
 
@@ -192,7 +267,7 @@ def save_train_state(path: Path, optimizers: dict[str, torch.optim.Optimizer], s
                 else:
                     tensors[f"opt.{opt_name}.{idx}.{key}"] = value.detach().cpu().contiguous()
         saved[opt_name] = {"steps": steps, "param_groups": opt["param_groups"]}
-    atomic_write(path / "train_state.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(path / "train_state.safetensors", lambda tmp: save_tensors(tensors, tmp))
     atomic_write_json(path / "train_state.json", {**state, "optimizers": saved})
 
 

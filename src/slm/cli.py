@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from slm.config import PRESETS
 from slm.errors import SlmError
+from slm.outputs import os_error_line
 
 
 def _presets_help() -> str:
@@ -74,7 +77,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from slm.data import prepare
 
     given = {name: getattr(args, name) for name in args.prepare_flags if getattr(args, name) is not None}
-    meta = prepare(args.inputs, args.out, progress=not args.quiet, **given)
+    meta = prepare(args.inputs, args.out, progress=not args.quiet, force=args.force, **given)
     how = {"documents": f"whole documents ({meta['val_fraction']:.0%} of them, chosen by hash)",
            "tail": f"the last {meta['val_fraction']:.0%} of each document (too few documents to hold whole ones out)",
            "none": "none (--val-fraction 0): training will report no validation loss"}[meta["split"]]
@@ -108,7 +111,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise TrainError(f"--init-from {args.init_from} keeps that model's shape; drop --preset {args.preset}")
     cfg = TrainConfig(**{**settings_under_flags(values), **values})
     keep_freed_memory()  # this process only trains: reuse freed memory instead of faulting pages in every step
-    result = train(args.data, args.out, cfg, model_overrides, resume=args.resume, progress=not args.quiet)
+    result = train(args.data, args.out, cfg, model_overrides, resume=args.resume, progress=not args.quiet,
+                   force=args.force)
     if int(os.environ.get("RANK", 0)) == 0:
         done = f"done: {result['steps']} steps, {result['tokens_seen']:,} tokens, {result['wall_time_s']} s; "
         if result["best_val_loss"] is None:
@@ -133,6 +137,23 @@ def _load_model(name: str, threads: int | None = None):
     return model, tokenizer
 
 
+def given_prompt(args: argparse.Namespace) -> str:
+    """--prompt, or the text of --prompt-file (``-``: standard input)."""
+    if args.prompt_file is None:
+        return args.prompt
+    if args.prompt:
+        raise SlmError("--prompt and --prompt-file: give one of them")
+    if args.prompt_file == "-":
+        return sys.stdin.read()
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise SlmError(f"--prompt-file {path}: {'a directory' if path.is_dir() else 'not found'}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SlmError(f"--prompt-file {path}: not UTF-8 text (byte {e.start})") from e
+
+
 def story_prompt(args: argparse.Namespace) -> tuple[str, tuple[str, ...]]:
     """The text to continue and the requested words: --prompt, after the header built from --words and
     --features when they are given (only for a model trained on that format)."""
@@ -146,7 +167,7 @@ def story_prompt(args: argparse.Namespace) -> tuple[str, tuple[str, ...]]:
     if request and not template(args.model):
         raise InstructError(f"--words/--features: the model {args.model} was not trained to follow requests (no "
                             "template in its config.json); fine-tune it on `slm prepare --instruct` data first")
-    prompt = (header(request) if request else "") + args.prompt
+    prompt = (header(request) if request else "") + given_prompt(args)
     if not prompt:
         raise InstructError("--prompt is empty: give some text to continue, or --words for a story")
     return prompt, request.words
@@ -157,6 +178,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from slm.instruct import used_words
 
     prompt, words = story_prompt(args)
+    if any(not s for s in args.stop or ()):
+        raise SlmError("--stop: an empty string would stop before the first token; give the text to stop before")
     given = {name: getattr(args, name) for name in args.sampling_flags if getattr(args, name) is not None}
     params = SamplingParams(**given, stop=tuple(args.stop or ()), words=words)
     model, tokenizer = _load_model(args.model, args.threads)
@@ -219,27 +242,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from slm.checkpoint import resolve
     from slm.export import export_hf
+    from slm.outputs import new_directory
 
     model, tokenizer = _load_model(args.model)
-    export_hf(model, args.out, tokenizer)
+    with new_directory(args.out, [resolve(args.model)], args.force) as out:
+        export_hf(model, out, tokenizer)
     kind = "LlamaForCausalLM" if model.config.arch == "llama" else "GPT2LMHeadModel"
     print(f"wrote a {kind} directory to {args.out}")
     return 0
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from slm.checkpoint import resolve
     from slm.gguf_export import export_gguf
+    from slm.outputs import new_file
 
     model, tokenizer = _load_model(args.model)
-    path = export_gguf(model, tokenizer, args.out, args.dtype, name=Path(str(args.model)).name)
+    with new_file(args.out, [resolve(args.model)], args.force) as tmp:
+        export_gguf(model, tokenizer, tmp, args.dtype, name=Path(str(args.model)).name)
+    path = Path(args.out)
     print(f"wrote {path} ({model.config.arch}, {args.dtype}, {path.stat().st_size:,} bytes)")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from slm.checkpoint import check
     from slm.server.app import run_server
 
+    check(args.model)  # a broken checkpoint is one line here, not a traceback from inside the server's start
     run_server(model=args.model, host=args.host, port=args.port)
     return 0
 
@@ -280,6 +312,20 @@ def add_settings(group: argparse._ActionsContainer, settings: type, show_default
     return names
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _force_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="replace --out if it already holds something")
+
+
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=os.environ.get("SLM_MODEL", "default"),
                    help="checkpoint directory, or 'default' for the bundled model (env SLM_MODEL)")
@@ -290,7 +336,8 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("prepare", help="corpus -> tokenizer + train.bin/val.bin")
     p.add_argument("inputs", nargs="*", help=".txt/.md files, directories, .jsonl(.gz), .parquet")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (new or empty; written whole or not at all)")
+    _force_arg(p)
     p.set_defaults(prepare_flags=add_settings(p, PrepareConfig))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prepare)
@@ -310,6 +357,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    "override them; --max-minutes is per leg)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar or log lines (metrics.jsonl still records every figure)")
+    p.add_argument("--force", action="store_true",
+                   help="start over in an --out that holds an earlier run or other files (they are deleted)")
     settings = p.add_argument_group("training settings", "slm.train.TrainConfig's defaults; a preset's own recipe "
                                     "(slm info) or --init-from's fine-tuning recipe replaces some of them")
     add_settings(settings, TrainConfig)
@@ -325,6 +374,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_presets_help())
     _model_arg(p)
     p.add_argument("--prompt", default="", help="text to continue (with --words: the story's first words)")
+    p.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE (- for standard input)")
     p.add_argument("--words", metavar="A,B,C", help="ask for a story that uses these words (at most 8; for models "
                    "trained with `slm prepare --instruct`); the prompt shown starts with the request")
     p.add_argument("--features", metavar="F", help="with --words: features the story should have (dialogue)")
@@ -335,7 +385,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                    help="fp16: the native decode step reads fp16 copies of the matrices (faster, not bit-exact)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true", help="print text, token counts, seconds and tokens/s as JSON")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_generate, sampling_flags=sampling)
 
 
@@ -344,9 +394,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     _model_arg(p)
     p.add_argument("files", nargs="+", help="text files (.txt, .md, .jsonl, .jsonl.gz, .parquet)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default context/2)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--stride", type=positive_int, default=None, help="sliding-window stride (default context/2)")
+    p.add_argument("--threads", type=positive_int, default=None)
     p.set_defaults(func=cmd_eval)
 
 
@@ -357,8 +407,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory or 'default' (else random weights)")
     p.add_argument("--preset", default=TrainConfig.preset, help="shape for random weights when no --model")
     p.add_argument("--lengths", default="64,128,256,512")
-    p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeats", type=positive_int, default=3, help="runs per measurement (median)")
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 weights for our engine")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--text", help="a text file to measure the fp16 weights' bits-per-byte change on (its first "
@@ -387,17 +437,26 @@ def add_serving(sub: argparse._SubParsersAction) -> None:
 def add_exports(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-hf", help="write a Hugging Face directory (GPT2LMHeadModel or LlamaForCausalLM)")
     _model_arg(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the directory to write (new or empty)")
+    _force_arg(p)
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("export-gguf", help="write a GGUF file for llama.cpp and ollama")
     _model_arg(p)
-    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--out", required=True, help="the .gguf file to write (a new one)")
+    _force_arg(p)
     p.add_argument("--dtype", default="f32", choices=["f32", "f16"], help="matrices in f32 or f16")
     p.set_defaults(func=cmd_export_gguf)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its mistakes in one line (`slm train: error: ...`) and exit status 2, like every other."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slm", description="A small GPT: prepare data, train, generate, serve.",
+    parser = Parser(prog="slm", description="A small GPT: prepare data, train, generate, serve.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_presets_help())
     parser.add_argument("--version", action="version", version=f"slm {__import__('slm').__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -406,6 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (add_prepare, add_train, add_generate, add_eval, add_bench, add_serving, add_exports):
         add(sub)
     return parser
+
+
+# OSErrors that say something about the user's machine, not about slm: a full disk, a read-only filesystem,
+# a permission; each is one line. Any other OSError is a bug and keeps its traceback.
+USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+                  errno.ELOOP, errno.ENAMETOOLONG, errno.EMFILE, errno.EFBIG)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,6 +486,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `slm info | head` closed the pipe: stop quietly, as other shell tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not raise
         return 141
+    except OSError as e:
+        if e.errno not in USER_OS_ERRORS:
+            raise
+        print(f"slm {args.command}: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,6 +21,28 @@ def setting(default: object, help: str, **cli: object) -> dataclasses.Field:
     return field(default=default, metadata={"help": help, **cli})
 
 
+TYPES = {"int": (int, "a whole number"), "float": (float, "a number"), "str": (str, "a string"),
+         "bool": (bool, "true or false")}
+
+
+def fits(value: object, wanted: type) -> bool:
+    """Whether a value read from a file fits a field: a whole number fits a float field; true is not a number."""
+    if isinstance(value, bool):
+        return wanted is bool
+    return isinstance(value, wanted) or (wanted is float and isinstance(value, int))
+
+
+def check_types(values: dict, settings: type, where: str) -> None:
+    """Refuse a value of the wrong type for a settings dataclass's field (from a TOML or JSON file), naming it."""
+    for f in dataclasses.fields(settings):
+        if f.name not in values:
+            continue
+        names = [t.strip() for t in str(f.type).split("|") if t.strip() != "None"]
+        if not any(fits(values[f.name], TYPES[n][0]) for n in names):
+            wanted = " or ".join(TYPES[n][1] for n in names)
+            raise ConfigError(f"{where}{f.name} = {values[f.name]!r} is not {wanted}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of a decoder-only transformer. Everything the model needs, nothing about data or files.
@@ -92,6 +114,7 @@ class ModelConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown model config key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        check_types(values, cls, "model config: ")
         return cls(**values)
 
     def num_parameters(self) -> int:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import errno
 import gzip
 import hashlib
 import io
+import itertools
 import json
+import os
+import re
 import sys
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +28,7 @@ from slm.config import setting
 from slm.errors import SlmError
 from slm.files import atomic_write_json
 from slm.instruct import MAX_WORDS, N_WORDS, STORY_CHARS, TEMPLATE, instruct_documents
+from slm.outputs import new_directory
 from slm.tokenizer import Tokenizer
 from slm.training_kernels import IGNORE_INDEX
 
@@ -43,13 +50,26 @@ def _kind(path: Path) -> str | None:
     return None
 
 
+def missing_reason(path: Path) -> str:
+    """Why a symbolic link cannot be opened: it points to nothing, or to a loop of links."""
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop this way
+        return "a loop of symbolic links"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a loop of symbolic links"
+    return f"a symbolic link to {os.readlink(path)}, which does not exist"
+
+
 def list_files(inputs: Iterable[str | Path]) -> list[Path]:
     """Expand inputs (files and directories, recursively) to the readable corpus files, in a stable order."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if not path.exists():
-            raise DataError(f"input not found: {path}")
+            raise DataError(f"input {path}: {missing_reason(path)}" if path.is_symlink() else
+                            f"input not found: {path}")
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p))
             if not found:
@@ -67,14 +87,27 @@ def list_files(inputs: Iterable[str | Path]) -> list[Path]:
 MAX_INVALID_UTF8 = 0.001  # share of a text file's bytes that may be invalid UTF-8 (replaced, with a warning)
 
 
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def nul_reason(data: bytes, path: Path) -> str:
+    """Why text with NUL bytes is refused: UTF-16 (a byte-order mark, or every other byte NUL), else binary."""
+    head = data[:4096]
+    if head.startswith(UTF16_BOMS) or head[1::2].count(0) > 0.9 * len(head[1::2]) or \
+            head[0::2].count(0) > 0.9 * len(head[0::2]):
+        return (f"UTF-16 text, and slm reads UTF-8; convert it first, e.g. iconv -f utf-16 -t utf-8 {path.name} > "
+                f"{path.stem}.utf8{path.suffix}")
+    return "not a text file (it contains NUL bytes); give .txt/.md files of UTF-8 text"
+
+
 def read_text_file(path: Path) -> str:
     """A text file's contents. Refused when it is not text (NUL bytes, or more than 0.1% of its bytes
     invalid UTF-8); a few invalid bytes (a stray Latin-1 character) are replaced by U+FFFD with a warning."""
     data = path.read_bytes()
-    if b"\x00" in data:
-        raise DataError(f"{path}: not a text file (it contains NUL bytes); give .txt/.md files of UTF-8 text")
+    if b"\x00" in data or data.startswith(UTF16_BOMS):
+        raise DataError(f"{path}: {nul_reason(data, path)}")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark at the start is not text
     except UnicodeDecodeError:
         pass
     text = data.decode("utf-8", errors="replace")
@@ -86,27 +119,41 @@ def read_text_file(path: Path) -> str:
     return text
 
 
+GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a .jsonl or .jsonl.gz file's non-blank lines; a damaged or truncated gzip file
+    is reported with the line it reached."""
+    lineno = 0
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):  # noqa: B007 (read after the loop, in the error)
+                if line.strip():
+                    yield lineno, line
+    except GZIP_ERRORS as e:
+        raise DataError(f"{path}: the gzip file is damaged or cut short after line {lineno:,} ({e}); download or "
+                        "compress it again") from e
+
+
 def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     """Yield the documents of one file: a text file is one document, a JSONL line or parquet row another."""
     kind = _kind(path)
     if kind in TEXT_SUFFIXES:
         yield read_text_file(path)
     elif kind in JSONL_SUFFIXES:
-        opener = gzip.open if kind == ".jsonl.gz" else open
-        with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-                if not isinstance(record, dict) or text_field not in record:
-                    raise DataError(f"{path}:{lineno}: no {text_field!r} field (choose another with --text-field)")
-                text = record[text_field]
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{lineno}: field {text_field!r} is not a string")
-                yield text
+        for lineno, line in jsonl_lines(path):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            if not isinstance(record, dict) or text_field not in record:
+                raise DataError(f"{path}:{lineno}: no {text_field!r} field (choose another with --text-field)")
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno}: field {text_field!r} is not a string")
+            yield text
     elif kind == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -163,8 +210,7 @@ def count_documents(files: list[Path]) -> int:
     for path in files:
         kind = _kind(path)
         if kind in JSONL_SUFFIXES:
-            with (gzip.open if kind == ".jsonl.gz" else open)(path, "rb") as f:
-                n += sum(1 for line in f if line.strip())
+            n += sum(1 for _ in jsonl_lines(path))
         elif kind == ".parquet":
             import pyarrow.parquet as pq
 
@@ -192,6 +238,28 @@ def tail_cut(text: str, fraction: float) -> int:
     return cut
 
 
+# ---- long texts in pieces --------------------------------------------------------------------------------
+# A document longer than this (a book with no line breaks, a whole corpus in one line) is tokenized in pieces
+# of about this many characters, so that memory does not grow with it: the tokenizer's trainer and encoder
+# hold many bytes for every character they are given at once. Sizes measured in docs/data.md.
+PIECE_CHARS = 100_000
+ENCODE_BATCH_CHARS = 1_000_000  # characters encoded in one parallel batch
+WORD_END = re.compile(r"\S(?=\s)")
+NON_SPACE = re.compile(r"\S")
+
+
+def piece_ends(text: str, start: int, end: int, size: int = PIECE_CHARS) -> list[int]:
+    """Where the pieces of ``text[start:end]`` end (the last is ``end``): each cut after a word and before the
+    whitespace that follows it, where GPT-2's pre-tokenization splits anyway, so the pieces' tokens are the
+    whole text's. A stretch of ``size`` characters with no whitespace at all is cut where it reaches ``size``."""
+    ends = []
+    while end - start > size:
+        found = WORD_END.search(text, start + size - 1, min(end, start + 2 * size))
+        start = found.end() if found else start + size
+        ends.append(start)
+    return [*ends, end]
+
+
 # ---- prepare --------------------------------------------------------------------------------------------
 @dataclass
 class SplitStats:
@@ -217,6 +285,7 @@ class Doc(NamedTuple):
     header: str = ""  # instruct documents: the request before the story (no loss on it with --loss-on story)
     ends: bool = True  # False: a part cut from a longer document (an instruct part, a split's head); its
     # <|endoftext|> is not learned either
+    closes: bool = True  # False: a piece of a long text that the next Doc continues (no <|endoftext|> between)
 
 
 @dataclass
@@ -251,18 +320,30 @@ class Corpus:
             iter_hf_dataset(self.hf_dataset or "", field)
         return (t for t in texts if t.strip())
 
-    def split(self, text: str, index: int) -> Iterator[tuple[bool, str, bool]]:
-        """(is validation, text, whether the document ends there) for one document: whole, or its head and its
-        held-out tail (the head's <|endoftext|> is not the document's end when a tail follows)."""
+    def split(self, text: str, index: int) -> Iterator[tuple[bool, int, int, bool]]:
+        """(is validation, start, end, whether the document ends there) for one document: whole, or its head
+        and its held-out tail (the head's <|endoftext|> is not the document's end when a tail follows)."""
         if self.mode == "documents":
-            yield is_validation(index, self.seed, self.val_fraction), text, True
+            yield is_validation(index, self.seed, self.val_fraction), 0, len(text), True
             return
         cut = tail_cut(text, self.val_fraction) if self.val_fraction else len(text)
-        head, tail = text[:cut], text[cut:]
-        if head.strip():
-            yield False, head, not tail.strip()
-        if tail.strip():
-            yield True, tail, True
+        head_kept, tail_kept = NON_SPACE.search(text, 0, cut) is not None, NON_SPACE.search(text, cut) is not None
+        if head_kept:
+            yield False, 0, cut, not tail_kept
+        if tail_kept:
+            yield True, cut, len(text), True
+
+    def parts(self, text: str, index: int) -> Iterator[tuple[bool, str, bool]]:
+        """(is validation, text, whether the document ends there) of each side of the split, as text."""
+        for is_val, start, end, ends in self.split(text, index):
+            yield is_val, text[start:end], ends
+
+    def plain_documents(self, text: str, index: int, source: int) -> Iterator[Doc]:
+        """One document's Docs: each side of its split, a long one in pieces (slm.data.pieces)."""
+        for is_val, start, end, ends in self.split(text, index):
+            cuts = piece_ends(text, start, end)
+            for a, b in itertools.pairwise([start, *cuts]):
+                yield Doc(is_val, text[a:b], source, ends=ends, closes=b == end)
 
     def documents(self) -> Iterator[Doc]:
         """Every document, input by input (so each input's tokens are contiguous), then the instruct copies of
@@ -272,12 +353,11 @@ class Corpus:
         for source in range(n_plain):
             first_index.append(index)
             for text in self.read(source):
-                for is_val, part, ends in self.split(text, index):
-                    yield Doc(is_val, part, source, ends=ends)
+                yield from self.plain_documents(text, index, source)
                 index += 1
         for k, source in enumerate(self.instruct):
             for index, text in enumerate(self.read(source), first_index[source]):
-                for is_val, part, part_ends in self.split(text, index):
+                for is_val, part, part_ends in self.parts(text, index):
                     for head, story, ends in instruct_documents(part, self.seed, self.config.instruct_words,
                                                                 self.config.instruct_part_chars):
                         yield Doc(is_val, story, n_plain + k, head, ends and part_ends)
@@ -313,6 +393,9 @@ def train_tokenizer(corpus: Corpus, vocab_size: int, progress: bool) -> Tokenize
     tok = Tokenizer.train(texts(), vocab_size=vocab_size)
     if count == 0:
         raise DataError("the corpus is empty: no non-blank documents in the inputs")
+    if tok.vocab_size < vocab_size:
+        print(f"warning: --vocab-size {vocab_size:,}: the corpus has no more pairs to merge (each pair must occur "
+              f"twice) after {tok.vocab_size:,} tokens, so the tokenizer has {tok.vocab_size:,}", file=sys.stderr)
     return tok
 
 
@@ -348,13 +431,14 @@ class TokenWriter:
         headers = self.tok.encode_batch([d.header for d in batch]) if self.masks else [[] for _ in batch]
         for doc, head, ids in zip(batch, headers, texts, strict=True):
             split = "val" if doc.is_val else "train"
-            n = len(head) + len(ids) + 1  # documents are separated by <|endoftext|>
-            self.files[f"{split}.bin"].write(np.asarray(head + ids + [self.tok.eot_id], dtype=self.dtype).tobytes())
+            eot = [self.tok.eot_id] if doc.closes else []  # documents are separated by <|endoftext|>
+            n = len(head) + len(ids) + len(eot)
+            self.files[f"{split}.bin"].write(np.asarray(head + ids + eot, dtype=self.dtype).tobytes())
             if self.masks:  # the header is the request, and a cut part's end is not a story's end: neither is learned
-                self.files[f"{split}.mask"].write(bytes(len(head)) + b"\x01" * len(ids) + bytes([doc.ends]))
+                self.files[f"{split}.mask"].write(bytes(len(head)) + b"\x01" * len(ids) + bytes([doc.ends] * len(eot)))
             self.source_tokens[split][doc.source] += n
             stats, n_bytes = self.stats[split], len((doc.header + doc.text).encode("utf-8"))
-            stats.documents += 1
+            stats.documents += doc.closes
             stats.characters += len(doc.header) + len(doc.text)
             stats.bytes += n_bytes
             stats.tokens += n
@@ -437,8 +521,9 @@ class PrepareConfig:
             raise DataError(f"--instruct-part-chars must be at least 100, got {self.instruct_part_chars}")
 
 
-def prepare(inputs: list[str | Path], out_dir: str | Path, progress: bool = True, batch_chars: int = 8_000_000,
-            **settings: object) -> dict:
+def prepare(inputs: list[str | Path], out_dir: str | Path, progress: bool = True,
+            batch_chars: int = ENCODE_BATCH_CHARS,
+            force: bool = False, **settings: object) -> dict:
     """Tokenize a corpus into ``out_dir`` (train.bin, val.bin, tokenizer.json, meta.json); returns the meta.
 
     ``settings``: PrepareConfig's fields. ``split``: "documents", "tail" (see SPLITS above) or "auto": documents
@@ -446,17 +531,23 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, progress: bool = True
     document falls back to tail. ``instruct``: names of inputs (file name starts) also written in the instruct
     format (slm.instruct), as extra inputs "instruct:<file name>", with a loss mask (train.mask, val.mask) that
     leaves out their headers.
+
+    ``out_dir`` must be new or empty unless ``force``; it is written as a whole or not at all (slm.outputs).
     """
     cfg = PrepareConfig(**settings)  # type: ignore[arg-type]
     files = list_files(inputs) if inputs else []
     if not files and not cfg.hf_dataset:
         raise DataError("no input given: pass files or directories, or --hf-dataset NAME")
-    n_docs = float("inf") if cfg.hf_dataset else count_documents(files)
-    corpus = Corpus(files, cfg, "", instruct_inputs(files, cfg.instruct))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    tok = None
+    sources = [*files, *([tokenizer_path(cfg.tokenizer)] if cfg.tokenizer not in (None, "gpt2") else [])]
+    with new_directory(out_dir, sources, force) as out:
+        return prepare_into(out, Corpus(files, cfg, "", instruct_inputs(files, cfg.instruct)), progress,
+                            batch_chars)
+
+
+def prepare_into(out: Path, corpus: Corpus, progress: bool, batch_chars: int) -> dict:
+    """prepare()'s work, in the directory ``out``."""
+    cfg, started, tok = corpus.config, time.time(), None
+    n_docs = float("inf") if cfg.hf_dataset else count_documents(corpus.files)
     for mode in [choose_split(cfg.split, n_docs, cfg.val_fraction), "tail"]:
         corpus.mode = mode
         tok = tok or choose_tokenizer(corpus, cfg.tokenizer, cfg.vocab_size, progress)
@@ -534,10 +625,21 @@ def open_mask(data_dir: str | Path, split: str) -> np.ndarray | None:
 
 
 def open_tokens(data_dir: str | Path, split: str, meta: dict) -> np.ndarray:
+    """A split's token file, checked against meta.json: its size, and ids inside the vocabulary."""
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file() or path.stat().st_size == 0:
         return np.zeros(0, dtype=meta["dtype"])
-    return np.memmap(path, dtype=meta["dtype"], mode="r")
+    dtype, size = np.dtype(meta["dtype"]), path.stat().st_size
+    expected = meta.get(split, {}).get("tokens", size // dtype.itemsize) * dtype.itemsize
+    if size != expected or size % dtype.itemsize:
+        raise DataError(f"{path} has {size:,} bytes where meta.json records {expected // dtype.itemsize:,} "
+                        f"{dtype.name} tokens ({expected:,} bytes): the file is cut short or damaged; run "
+                        "`slm prepare` again")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    if int(tokens.max()) >= meta["vocab_size"]:
+        raise DataError(f"{path} holds token id {int(tokens.max()):,}, outside the vocabulary of "
+                        f"{meta['vocab_size']:,} (meta.json): the file is damaged; run `slm prepare` again")
+    return tokens
 
 
 class BatchSampler:

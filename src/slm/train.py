@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from slm import checkpoint
-from slm.config import ConfigError, ModelConfig, get_preset, setting
+from slm.config import ConfigError, ModelConfig, check_types, get_preset, setting
 from slm.cpu import bf16_pays, cpu_info
 from slm.data import BatchSampler, eval_windows, load_meta, mixture, open_mask, open_tokens, trains_on_instruct
 from slm.errors import SlmError
@@ -29,6 +29,8 @@ from slm.files import atomic_write, atomic_write_json
 from slm.grow import grow_depth
 from slm.model import GPT
 from slm.optim import Optimizers, make_optimizers
+from slm.outputs import DISK_FULL, write_error
+from slm.run_dir import run_directory, trim_metrics
 from slm.tokenizer import Tokenizer
 
 
@@ -99,6 +101,8 @@ def load_config_file(path: str | Path) -> tuple[dict, dict]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config {path}: invalid TOML ({e})") from e
     model = data.pop("model", {})
+    if not isinstance(model, dict):
+        raise ConfigError(f"--config {path}: model = {model!r}; [model] must be a table of shape settings")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -109,6 +113,8 @@ def load_config_file(path: str | Path) -> tuple[dict, dict]:
     if bad:
         raise ConfigError(f"--config {path}: unknown [model] key(s) {', '.join(bad)} "
                           f"(known: {', '.join(sorted(model_known))})")
+    check_types(data, TrainConfig, f"--config {path}: ")
+    check_types(model, ModelConfig, f"--config {path}: [model] ")
     return data, model
 
 
@@ -413,9 +419,7 @@ class Trainer:
     def restore(self, resume: bool) -> None:
         """Continue from last/ (--resume), or make sure we are not about to overwrite a run."""
         last = checkpoint.find_last(self.out)
-        if not resume:
-            if last is not None and self.master:
-                raise TrainError(f"{self.out} already holds a run; add --resume to continue it or choose another --out")
+        if not resume:  # slm.run_dir has checked that a new run starts in an empty directory
             return
         if last is None:
             raise TrainError(f"--resume: no resumable run in {self.out} (no last/ with train_state.json)")
@@ -434,7 +438,9 @@ class Trainer:
         self.state = RunState(saved_state["step"], saved_state["tokens_seen"], saved_state["elapsed"],
                               saved_state["best"])
         if self.master:
-            print(f"resuming {self.out} at step {self.state.step} ({self.state.tokens_seen:,} tokens seen)")
+            dropped = trim_metrics(self.out / "metrics.jsonl", self.state.step)
+            replayed = f"; {dropped} later record(s) dropped from metrics.jsonl, to be replayed" if dropped else ""
+            print(f"resuming {self.out} at step {self.state.step} ({self.state.tokens_seen:,} tokens seen){replayed}")
 
     def wrap(self, model: GPT) -> torch.nn.Module:
         """torch.compile and DDP wrappers around the model (the raw model is what gets saved)."""
@@ -514,11 +520,23 @@ class Trainer:
                      "hardware": hardware(self.device, self.world), "precision": self.precision,
                      "compiled": self.compiled})
 
+    def save_checkpoint(self, final: Path, write) -> None:
+        """checkpoint.save_run_checkpoint, with a full disk reported as what it is and what is kept."""
+        try:
+            checkpoint.save_run_checkpoint(final, write)
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            kept = (f"the previous {final.name}/ is intact" if checkpoint.find_last(self.out) or final.is_dir()
+                    else "no checkpoint was saved yet")
+            raise TrainError(f"{write_error(e, final)} at step {self.state.step}; {kept}. Make room, then continue "
+                             "with --resume") from e
+
     def save_last(self, val_loss: float | None) -> None:
         s = self.state
         train_state = {"step": s.step, "tokens_seen": s.tokens_seen, "sampler": self.sampler.state(),
                        "elapsed": self.elapsed(), "best": s.best}
-        checkpoint.save_run_checkpoint(self.out / "last", lambda tmp: (
+        self.save_checkpoint(self.out / "last", lambda tmp: (
             checkpoint.save(self.model, self.tokenizer, tmp, training=self.summary(val_loss), template=self.template),
             checkpoint.save_train_state(tmp, self.optimizer.named, train_state)))
 
@@ -544,7 +562,7 @@ class Trainer:
 
     def save_best(self, val_loss: float, bpb: float) -> None:
         self.state.best.update(val_loss=val_loss, val_bpb=bpb, step=self.state.step)
-        checkpoint.save_run_checkpoint(self.out / "best", lambda tmp: checkpoint.save(
+        self.save_checkpoint(self.out / "best", lambda tmp: checkpoint.save(
             self.model, self.tokenizer, tmp, training=self.summary(val_loss), template=self.template))
 
     def title(self) -> str:
@@ -640,8 +658,10 @@ def train(
     model_overrides: dict | None = None,
     resume: bool = False,
     progress: bool = True,
+    force: bool = False,
 ) -> dict:
-    """Train and return the summary; ``out_dir`` gets best/, last/, metrics.jsonl and loss.png."""
+    """Train and return the summary; ``out_dir`` gets best/, last/, metrics.jsonl and loss.png. A new run needs
+    an empty ``out_dir`` (``force``: empty it first); one process at a time holds it (slm.run_dir)."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     if cfg.threads:
@@ -652,9 +672,12 @@ def train(
         dist.init_process_group(backend)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+    sources = [data_dir, *([checkpoint.resolve(cfg.init_from)] if cfg.init_from else [])]
     try:
-        trainer = Trainer(data_dir, Path(out_dir), cfg, model_overrides or {}, resume, progress, device, rank, world)
-        return trainer.run()
+        with run_directory(Path(out_dir), sources, resume, force) if rank == 0 else nullcontext():
+            trainer = Trainer(data_dir, Path(out_dir), cfg, model_overrides or {}, resume, progress, device, rank,
+                              world)
+            return trainer.run()
     finally:
         if ddp:
             dist.destroy_process_group()

@@ -12,6 +12,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -57,6 +58,16 @@ def encodable(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(encodable)]
+EMPTY_PROMPT = "is empty: give text to continue, or words (or features) for a story"
+
+
+def empty_needs_a_request(prompt: object, info: ValidationInfo) -> object:
+    """A validator for a prompt field: an empty text only with a story request (validated before it)."""
+    texts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
+    if "" in texts and not (info.data.get("words") or info.data.get("features")):
+        raise ValueError(EMPTY_PROMPT)
+    return prompt
+
 StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS), AfterValidator(encodable)]
 def temperature(t: float) -> float:
     if not temperature_ok(t):
@@ -109,7 +120,7 @@ class PredictRequest(RepetitionControls, StoryFields):
     """The original playground's request, plus generation settings."""
 
     model_config = ConfigDict(extra="forbid")
-    input_text: TextPrompt = Field(description="the prompt")
+    input_text: TextPrompt = Field(description="the prompt (empty: with words or features only)")
     model_type: ModelType = "cached"
     # The upper bound of max_new_tokens is the server's setting (SLM_MAX_NEW_TOKENS), checked per request.
     max_new_tokens: int = Field(SamplingParams.max_new_tokens, ge=1)
@@ -117,6 +128,8 @@ class PredictRequest(RepetitionControls, StoryFields):
     top_k: int | None = Field(None, ge=0)
     top_p: TopP | None = None
     seed: Seed | None = None
+
+    _input_text = field_validator("input_text")(empty_needs_a_request)
 
 
 class PredictResponse(BaseModel):
@@ -135,8 +148,9 @@ class PredictResponse(BaseModel):
 
 MAX_PROMPTS = 32  # prompts in one /v1/completions request
 Prompt = str | list[int]  # text, or token ids
-# OpenAI's four forms, each non-empty (the token ids' upper bound, the vocabulary, is checked per model).
-TextPrompt = Annotated[str, Field(min_length=1), AfterValidator(encodable)]
+# OpenAI's four forms, each non-empty (the token ids' upper bound, the vocabulary, is checked per model); a
+# text may be empty when words or features are asked for: the request's header is then the whole prompt.
+TextPrompt = Annotated[str, AfterValidator(encodable)]
 IdsPrompt = Annotated[list[TokenId], Field(min_length=1)]
 
 
@@ -183,6 +197,8 @@ class CompletionRequest(RepetitionControls, StoryFields):
     ignore_eos: bool = False  # vLLM's extension: generate past <|endoftext|> (fixed-length benchmarks)
     logprobs: int | None = Field(None, ge=0, le=5)  # log-probabilities of each token and its top-N rivals
     echo: bool = False  # return the prompt in front of the completion (with its log-probabilities)
+
+    _prompt = field_validator("prompt")(empty_needs_a_request)
 
     @field_validator("stop")
     @classmethod

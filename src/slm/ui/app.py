@@ -165,8 +165,8 @@ def main() -> None:
                             key="models")
     if not st.button("Run", type="primary", key="run"):
         return
-    if not prompt.strip():
-        st.warning("Type a prompt first.")
+    if not prompt.strip() and not story:  # with words, the request alone is a prompt
+        st.warning("Type a prompt first, or words for a story.")
         return
     if not chosen:
         st.warning("Choose at least one model.")
