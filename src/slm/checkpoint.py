@@ -162,15 +162,17 @@ def weight_shapes(weights: Path) -> dict[str, list[int]]:
     with open(weights, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if size < 8 or n > min(size - 8, MAX_HEADER_BYTES):
-            raise CheckpointError(f"{weights}: not a safetensors file, or cut short ({size:,} bytes)")
+            raise CheckpointError(f"{weights}: cannot read weights (not a safetensors file, or cut short: "
+                                  f"{size:,} bytes)")
         try:
             header = json.loads(f.read(n))
             tensors = {k: v for k, v in header.items() if k != "__metadata__"}
             needed = 8 + n + max((v["data_offsets"][1] for v in tensors.values()), default=0)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{weights}: not a safetensors file (its header: {e})") from e
+            raise CheckpointError(f"{weights}: cannot read weights (not a safetensors header: {e})") from e
     if needed > size:
-        raise CheckpointError(f"{weights} is cut short: {size:,} bytes of the {needed:,} its header describes")
+        raise CheckpointError(f"{weights}: cannot read weights (cut short: {size:,} bytes of the {needed:,} its "
+                              "header describes)")
     return {k: list(v["shape"]) for k, v in tensors.items()}
 
 
@@ -207,11 +209,11 @@ def load(name_or_path: str | Path = "default", device: str | torch.device = "cpu
     weights = path / "model.safetensors"
     config = model_config(path)
     tokenizer = load_tokenizer(path, config)
+    check_shapes(config, weight_shapes(weights), weights)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights}: cannot read weights ({e})") from e
-    check_shapes(config, {k: list(v.shape) for k, v in state.items()}, weights)
     model = GPT(config)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.to(device).eval(), tokenizer
@@ -269,6 +271,10 @@ def save_train_state(path: Path, optimizers: dict[str, torch.optim.Optimizer], s
         saved[opt_name] = {"steps": steps, "param_groups": opt["param_groups"]}
     atomic_write(path / "train_state.safetensors", lambda tmp: save_tensors(tensors, tmp))
     atomic_write_json(path / "train_state.json", {**state, "optimizers": saved})
+
+
+def saved_step(path: Path) -> int:
+    return json.loads((path / "train_state.json").read_text(encoding="utf-8"))["step"]
 
 
 def saved_optimizers(path: Path) -> list[str]:

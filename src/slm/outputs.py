@@ -20,6 +20,7 @@ from pathlib import Path
 from slm.errors import SlmError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+NO_ROOM = (*DISK_FULL, errno.EFBIG)  # and a file-size limit (ulimit -f)
 
 
 class OutputError(SlmError):
@@ -41,6 +42,8 @@ def write_error(e: OSError, path: Path) -> str:
     where = e.filename or path
     if e.errno in DISK_FULL:
         return f"no space left on the device writing {where} ({free_space(Path(where))})"
+    if e.errno == errno.EFBIG:
+        return f"cannot write {where}: larger than this process may write (ulimit -f)"
     return f"cannot write {where}: {e.strerror or e}"
 
 
@@ -157,7 +160,7 @@ def made_in_place(out: Path, make_temp, sources: Iterable[str | Path], force: bo
 
 def writing(e: OSError, temp: Path) -> bool:
     """Whether an error met while making an output came from writing it (not from reading an input)."""
-    if e.errno in (*DISK_FULL, errno.EROFS) or not e.filename:
+    if e.errno in (*NO_ROOM, errno.EROFS) or not e.filename:
         return True
     return Path(e.filename).resolve().is_relative_to(temp.resolve())
 

@@ -29,7 +29,7 @@ from slm.files import atomic_write, atomic_write_json
 from slm.grow import grow_depth
 from slm.model import GPT
 from slm.optim import Optimizers, make_optimizers
-from slm.outputs import DISK_FULL, write_error
+from slm.outputs import NO_ROOM, write_error
 from slm.run_dir import run_directory, trim_metrics
 from slm.tokenizer import Tokenizer
 
@@ -525,10 +525,11 @@ class Trainer:
         try:
             checkpoint.save_run_checkpoint(final, write)
         except OSError as e:
-            if e.errno not in DISK_FULL:
+            if e.errno not in NO_ROOM:
                 raise
-            kept = (f"the previous {final.name}/ is intact" if checkpoint.find_last(self.out) or final.is_dir()
-                    else "no checkpoint was saved yet")
+            last = checkpoint.find_last(self.out)
+            kept = "no checkpoint was saved yet" if last is None else \
+                f"the run's checkpoint ({last.name}/, step {checkpoint.saved_step(last)}) is intact"
             raise TrainError(f"{write_error(e, final)} at step {self.state.step}; {kept}. Make room, then continue "
                              "with --resume") from e
 
