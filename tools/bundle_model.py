@@ -2,7 +2,7 @@
 kept), the metrics of every leg that made it, counted on from the earlier legs, and their loss plot.
 
     python tools/bundle_model.py runs/v2/run/best --run runs/v2/run --name slm-7m-stories \
-        --earlier models/slm-7m-stories/metrics.jsonl --note "..."
+        --earlier models/slm-7m-stories/metrics.jsonl --note "..." --force
 
 ``--earlier``: the metrics of the model the run started from (--init-from), up to the step it was taken at;
 the run's own points follow with steps, tokens and elapsed seconds added to that model's. Every point carries
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from slm import checkpoint
+from slm.outputs import new_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--name", required=True, help="the directory name under models/")
     ap.add_argument("--earlier", help="metrics.jsonl of the model the run started from")
     ap.add_argument("--note", default="", help="a line for config.json's training.note")
+    ap.add_argument("--force", action="store_true", help="replace models/NAME when it exists (its card is kept)")
     args = ap.parse_args()
     model, tokenizer = checkpoint.load(args.checkpoint)
     config = checkpoint.read_config(Path(args.checkpoint))
@@ -109,15 +111,13 @@ def main() -> None:
     else:
         metrics = up_to(numbered_legs(run), training["steps"])
     out = ROOT / "models" / args.name
-    tmp = out.with_name(out.name + ".new")
-    shutil.rmtree(tmp, ignore_errors=True)
-    checkpoint.save(model, tokenizer, tmp, training=training, dtype=torch.float16, template=config.get("template"))
-    (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics), encoding="utf-8")
-    plot(metrics, tmp / "loss.png", f"{args.name}: {model.num_parameters() / 1e6:.1f}M parameters")
-    if (out / "README.md").is_file():
-        shutil.copy(out / "README.md", tmp / "README.md")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with new_directory(out, [args.checkpoint, args.run], force=args.force) as tmp:  # replaced whole, or not at all
+        checkpoint.save(model, tokenizer, tmp, training=training, dtype=torch.float16,
+                        template=config.get("template"))
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics), encoding="utf-8")
+        plot(metrics, tmp / "loss.png", f"{args.name}: {model.num_parameters() / 1e6:.1f}M parameters")
+        if (out / "README.md").is_file():
+            shutil.copy(out / "README.md", tmp / "README.md")
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"{out}: {size / 1e6:.1f} MB, {len(metrics)} metric points, template {config.get('template')!r}")
 
