@@ -122,6 +122,10 @@ def test_words_box_puts_the_request_in_front_of_the_prompt(story_model, app_with
         answers = [m.value for m in at.markdown if "slm-text" in m.value]
         assert len(answers) == 2
         assert all("Words: fox, cake<br>Features: Dialogue<br>Story:<br>Once" in a for a in answers), answers
+        at = run_prompt(at, "", ["basic", "cached"])  # the words alone are a prompt
+        assert not at.exception and not at.error and not at.warning
+        answers = [m.value for m in at.markdown if "slm-text" in m.value]
+        assert len(answers) == 2 and all("Features: Dialogue<br>Story:<br></span>" in a for a in answers), answers
 
 
 # ---- a real browser ---------------------------------------------------------------------------------------

@@ -244,7 +244,7 @@ def file_size_limit(limit: int):
     return hook
 
 
-def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(prepared, tmp_path):
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(prepared, corpus, tmp_path):
     disk = tmp_path / "disk"
     with mounted(disk, "size=64m") as ok:
         run = disk / "run"
@@ -255,7 +255,12 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(prepared, tmp_pa
             (disk / "filler").write_bytes(bytes(free - 300_000))
             r = slm_cli(*train_args(prepared, run, 4, 2, "--resume"))
             one_line_error(r, "no space left", "MiB free", "(last/, step 2) is intact", "--resume")
+            (disk / "filler2").write_bytes(bytes(max(0, shutil.disk_usage(disk).free - 20_000)))
+            one_line_error(slm_cli("prepare", str(corpus), "--out", str(disk / "data"), "--vocab-size", "300",
+                                   "--quiet"), "no space left", "nothing was written")
+            assert sorted(p.name for p in disk.iterdir()) == ["filler", "filler2", "run"]
             (disk / "filler").unlink()
+            (disk / "filler2").unlink()
         else:
             r = subprocess.run([sys.executable, "-m", "slm.cli", *train_args(prepared, run, 4, 2, "--resume")],
                                capture_output=True, text=True, timeout=300, preexec_fn=file_size_limit(200_000))
