@@ -57,15 +57,14 @@ def main() -> None:
     forward = milliseconds(lambda: kernels._flash_forward(q, k, v))
     figures = {"pytorch flash forward": forward,
                "pytorch flash backward": milliseconds(pytorch_forward_backward) - forward}
-    kernels.QUERY_BLOCK = 128
     figures["blocked 128, uncompiled"] = milliseconds(lambda: kernels.causal_attention_backward(q, k, v, out, lse,
-                                                                                                grad_out))
+                                                                                                grad_out, 128))
     for block in (int(b) for b in args.blocks.split(",")):
-        kernels.QUERY_BLOCK = block
         compiled = torch.compile(kernels.causal_attention_backward, dynamic=False)
-        figures[f"blocked {block}, compiled"] = milliseconds(lambda c=compiled: c(q, k, v, out, lse, grad_out))
+        figures[f"blocked {block}, compiled"] = milliseconds(
+            lambda c=compiled, b=block: c(q, k, v, out, lse, grad_out, b))
         compiled = torch.compile(kernels.causal_attention_forward, dynamic=False)
-        figures[f"blocked forward {block}, compiled"] = milliseconds(lambda c=compiled: c(q, k, v))
+        figures[f"blocked forward {block}, compiled"] = milliseconds(lambda c=compiled, b=block: c(q, k, v, b))
         torch.compiler.reset()
     info = cpu_info()
     print(f"{batch} x {heads} heads x {T} positions x {D}, bf16, on {info.model} ({info.threads} threads)\n")

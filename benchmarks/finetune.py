@@ -8,7 +8,7 @@ and a document held out at 1% is held out at 2% too (the same hash, a lower thre
 prepared with the bundled model's tokenizer; its last 10% is the validation text. Every run gets the same
 optimizer steps and the same wall-time cap on this machine's cores (2 threads), one after another, and is
 scored with `slm eval` on the validation text (its last/ checkpoint: best/ would be picked on that same text).
---sweep adds fine-tuning recipes beside the default one, to choose slm.train.FINETUNE_RECIPE.
+--sweep adds fine-tuning recipes beside the default one, to choose slm.train_config.FINETUNE_RECIPE.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 
 from slm.checkpoint import load
-from slm.data import is_validation, read_documents, tail_cut
+from slm.corpus import read_documents
 from slm.evaluate import evaluate_files
+from slm.prepare import is_validation, tail_cut
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 INPUTS = ["children-books", "juvenile-books", "fables", "tinystories-sample", "simple-stories"]  # bundled order

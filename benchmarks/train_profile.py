@@ -27,7 +27,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from slm.cpu import cpu_info
 from slm.memory import keep_freed_memory
-from slm.train import TrainConfig, Trainer, settings_under_flags
+from slm.train import Trainer
+from slm.train_config import TrainConfig, settings_under_flags
 
 # Operator name fragments -> group; the first that matches wins (so "_flash_attention" is attention, not "mm").
 GROUPS = (("fused kernels (torch.compile)", ("CompiledFxGraph", "cpp_fused")), ("attention", ("attention", "sdpa")),

@@ -23,8 +23,8 @@ from pathlib import Path
 from step_time import timed
 from train_profile import build
 
-import slm.training_kernels as kernels
 from slm.cpu import cpu_info
+from slm.training_kernels import TrainingKernels
 
 DEFAULT_VARIANTS = "pytorch:0:0,attention:128:0,loss:0:1024,both:128:1024,forward:128:1024:1"
 Sizes = tuple[int, int, int]  # QUERY_BLOCK, LOSS_CHUNK, BLOCKED_FORWARD
@@ -36,12 +36,6 @@ def parse_variants(text: str) -> dict[str, Sizes]:
         name, block, chunk, *forward = item.split(":")
         variants[name] = (int(block), int(chunk), int(forward[0]) if forward else 0)
     return variants
-
-
-def use(sizes: Sizes | None) -> None:
-    if sizes is not None:
-        kernels.QUERY_BLOCK, kernels.LOSS_CHUNK, forward = sizes
-        kernels.BLOCKED_FORWARD = bool(forward)
 
 
 def main() -> None:
@@ -57,9 +51,9 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="slm-kernels-"))
     try:
         trainers = {}
-        for name, sizes in variants.items():
-            use(sizes)
+        for name, (block, chunk, forward) in variants.items():
             trainers[name] = build(args.data.resolve(), scratch / name, args.preset, "bf16", True)
+            trainers[name].model.kernels = TrainingKernels(block, chunk, bool(forward))
             timed(trainers[name], 1)  # compiles with these sizes
         if args.fp32:
             variants["fp32 eager"] = None
@@ -68,7 +62,6 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in trainers}
         for _ in range(args.rounds):
             for name, trainer in trainers.items():
-                use(variants[name])
                 times[name].append(timed(trainer, 3))
         tokens = next(iter(trainers.values())).tokens_per_step
     finally:

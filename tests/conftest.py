@@ -101,7 +101,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared(corpus, tmp_path_factory) -> Path:
-    from slm.data import prepare
+    from slm.prepare import prepare
 
     def make(out: Path) -> Path:
         prepare([corpus], out, vocab_size=512, val_fraction=0.1, seed=0, progress=False)
@@ -111,7 +111,8 @@ def prepared(corpus, tmp_path_factory) -> Path:
 
 
 def train_tiny(prepared: Path, out: Path, preset: str, optimizer: str) -> Path:
-    from slm.train import TrainConfig, train
+    from slm.train import train
+    from slm.train_config import TrainConfig
 
     cfg = TrainConfig(preset=preset, batch_size=16, max_steps=TINY_STEPS, lr=3e-3, warmup_steps=20,
                       eval_interval=TINY_STEPS // 3, eval_windows=16, log_interval=20, seed=0, device="cpu",

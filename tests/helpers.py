@@ -107,7 +107,7 @@ def fail_sampling_for_seed(monkeypatch, seed: int = 666) -> None:
 
 def quick_cfg(**kw):
     """A TrainConfig for the tiny preset that trains in a second or two; ``kw`` overrides."""
-    from slm.train import TrainConfig
+    from slm.train_config import TrainConfig
 
     base = dict(preset="tiny", batch_size=8, max_steps=20, lr=2e-3, warmup_steps=5, eval_interval=10,
                 eval_windows=8, log_interval=1, seed=1, device="cpu", dtype="fp32")

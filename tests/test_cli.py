@@ -187,7 +187,7 @@ def test_flags_are_made_from_the_settings_dataclasses():
 
     from slm.cli import build_parser
     from slm.generation import SamplingParams
-    from slm.train import TrainConfig
+    from slm.train_config import TrainConfig
 
     parser = build_parser()
     train = parser.parse_args(["train", "--data", "d", "--out", "o", "--beta2", "0.99", "--no-compile",

@@ -42,14 +42,14 @@ def test_an_instruction_set_cap_is_probed_on_its_own(monkeypatch):
 
 
 def test_auto_follows_the_measurement_not_the_flags(monkeypatch):
-    from slm import cpu, train
+    from slm import cpu, machine
 
     for speedup, expected in ((7.6, torch.bfloat16), (1.2, None), (0.01, None)):
         monkeypatch.setattr(cpu, "bf16_speedup", lambda s=speedup: s)
-        monkeypatch.setattr(train, "bf16_pays", cpu.bf16_pays)
-        assert train.autocast_dtype("auto", torch.device("cpu")) == expected
-        assert train.autocast_dtype("fp32", torch.device("cpu")) is None
-        assert train.autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16  # asked for: given
+        monkeypatch.setattr(machine, "bf16_pays", cpu.bf16_pays)
+        assert machine.autocast_dtype("auto", torch.device("cpu")) == expected
+        assert machine.autocast_dtype("fp32", torch.device("cpu")) is None
+        assert machine.autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16  # asked for: given
 
 
 def test_info_describes_the_machine():

@@ -9,7 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from slm.data import DataError, list_files, load_meta, prepare, read_documents, token_dtype
+from slm.corpus import list_files, read_documents
+from slm.data import DataError, load_meta
+from slm.prepare import prepare, token_dtype
 
 
 # ---- prepare ----------------------------------------------------------------------------------------------

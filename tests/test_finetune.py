@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 
 from conftest import slm_cli
 from slm import checkpoint
-from slm.data import prepare, tokenizer_path
+from slm.prepare import prepare, tokenizer_path
 from slm.tokenizer import Tokenizer
-from slm.train import FINETUNE_RECIPE, TrainConfig, TrainError, train
+from slm.train import train
+from slm.train_config import FINETUNE_RECIPE, TrainConfig, TrainError
 
 
 def finetune_cfg(model: Path, **kw) -> TrainConfig:

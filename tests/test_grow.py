@@ -10,7 +10,8 @@ import torch
 from slm import checkpoint
 from slm.grow import grow_depth, source_layers
 from slm.model import GPT
-from slm.train import TrainConfig, train
+from slm.train import train
+from slm.train_config import TrainConfig
 
 
 def test_source_layers_spread_the_copies_evenly():

@@ -14,11 +14,13 @@ import torch
 
 from conftest import slm_cli
 from slm import checkpoint, instruct
-from slm.data import BatchSampler, open_mask, open_tokens, prepare, trains_on_instruct
+from slm.data import BatchSampler, open_mask, open_tokens, trains_on_instruct
 from slm.errors import SlmError
 from slm.generation import Engine, SamplingParams
+from slm.prepare import prepare
 from slm.tokenizer import Tokenizer
-from slm.train import TrainConfig, train
+from slm.train import train
+from slm.train_config import TrainConfig
 
 
 def test_header_format():

@@ -68,7 +68,8 @@ def test_training_without_validation_names_last(tmp_path):
 
 
 def test_a_few_documents_split_by_position_and_a_tiny_corpus_is_refused(tmp_path):
-    from slm.data import DataError, prepare
+    from slm.data import DataError
+    from slm.prepare import prepare
 
     docs = tmp_path / "docs"
     docs.mkdir()

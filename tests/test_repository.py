@@ -40,3 +40,77 @@ def test_functions_are_short_and_long_classes_say_why():
             if isinstance(node, ast.ClassDef) and size > 150 and "One class of" not in (ast.get_docstring(node) or ""):
                 too_long.append(f"{path.name}: class {node.name} is {size} lines and its docstring does not say why")
     assert not too_long, too_long
+
+
+def slm_imports(path) -> set[str]:
+    """The slm modules a module imports, at its top or inside a function (not under TYPE_CHECKING)."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(
+        node.test) for n in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("slm"):
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("slm")}
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    src = ROOT / "src"
+    modules = {".".join(p.relative_to(src).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (src / "slm").rglob("*.py")}
+    return {name: {m for m in slm_imports(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def test_imports_flow_one_way():
+    """No cycle among slm's modules: each can be read (and tested) after the ones it imports."""
+    graph, order, state = import_graph(), [], {}
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        assert state.get(name) != "open", "import cycle: " + " -> ".join([*path, name])
+        state[name] = "open"
+        for imported in sorted(graph[name]):
+            visit(imported, [*path, name])
+        state[name] = "done"
+        order.append(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    assert len(order) == len(graph)
+    assert "slm.model" not in graph["slm.native"]  # GPT is an annotation there: the cycle model -> ... -> native
+
+
+# Every module of slm imported with the process's reads of /proc/cpuinfo recorded: importing reads no hardware.
+IMPORT_ALL = """
+import builtins, io, json, pathlib, sys
+reads = []
+real_open = io.open
+def watched(file, *args, **kwargs):
+    if str(file) == "/proc/cpuinfo":
+        reads.append("".join(__import__("traceback").format_stack(limit=6)))
+    return real_open(file, *args, **kwargs)
+builtins.open = io.open = watched
+import importlib
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+print(json.dumps(reads))
+"""
+
+
+def test_importing_any_module_reads_no_hardware():
+    import json
+    import sys
+
+    modules = sorted(name for name in import_graph() if name != "slm.ui.app")  # streamlit runs that one
+    out = subprocess.run([sys.executable, "-c", IMPORT_ALL, *modules], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    reads = json.loads(out.stdout.splitlines()[-1])
+    assert not reads, reads[0]

@@ -19,7 +19,8 @@ from conftest import TINY_STEPS
 from helpers import quick_cfg
 from slm.data import DataError, load_meta
 from slm.run_dir import RunDirError
-from slm.train import TrainError, train
+from slm.train import train
+from slm.train_config import TrainError
 
 
 def unigram_entropy(prepared: Path) -> float:
@@ -139,7 +140,7 @@ def test_train_unprepared_data_and_resume_errors(prepared, tmp_path):
 
 def test_config_file(tmp_path):
     from slm.config import ConfigError
-    from slm.train import load_config_file
+    from slm.train_config import load_config_file
 
     (tmp_path / "ok.toml").write_text('lr = 0.01\nmax_steps = 5\n[model]\nn_layer = 2\n')
     assert load_config_file(tmp_path / "ok.toml") == ({"lr": 0.01, "max_steps": 5}, {"n_layer": 2})
@@ -154,12 +155,12 @@ def test_config_file(tmp_path):
 def test_a_run_resumes_on_another_kind_of_cpu_and_precision_follows_it(prepared, tmp_path, monkeypatch):
     """--dtype auto is decided again on every leg: a run begun where bf16 is slow (fp32) continues in bf16 on a
     machine where it pays, from the same saved state, and the other way round."""
-    import slm.train
+    import slm.machine
 
     run = tmp_path / "r"
     legs = []
     for steps, bf16_fast in [(4, False), (8, True), (12, False)]:
-        monkeypatch.setattr(slm.train, "bf16_pays", lambda fast=bf16_fast: fast)
+        monkeypatch.setattr(slm.machine, "bf16_pays", lambda fast=bf16_fast: fast)
         result = train(prepared, run, quick_cfg(max_steps=steps, dtype="auto", eval_interval=4), resume=steps > 4,
                        progress=False)
         legs.append((result["steps"], result["precision"]))
@@ -179,24 +180,24 @@ def test_compile_unasked_follows_the_run_length_and_the_machine(monkeypatch):
     and eager where it does not; --compile and --no-compile as given whatever the run."""
     import torch
 
-    import slm.train
-    from slm.train import COMPILE_MIN_STEPS, TrainConfig, compile_wanted
+    import slm.machine
+    from slm.machine import COMPILE_MIN_STEPS, compile_wanted
 
     cpu, probed = torch.device("cpu"), []
     for works in (True, False):
-        monkeypatch.setattr(slm.train, "compile_works", lambda kind, w=works: probed.append(kind) or w)
-        assert compile_wanted(TrainConfig(max_steps=COMPILE_MIN_STEPS), cpu) is works
-        assert not compile_wanted(TrainConfig(max_steps=COMPILE_MIN_STEPS - 1), cpu)
-        assert not compile_wanted(TrainConfig(max_steps=COMPILE_MIN_STEPS), torch.device("mps"))
-        assert compile_wanted(TrainConfig(max_steps=10, compile=True), cpu)
-        assert not compile_wanted(TrainConfig(max_steps=10**6, compile=False), cpu)
+        monkeypatch.setattr(slm.machine, "compile_works", lambda kind, w=works: probed.append(kind) or w)
+        assert compile_wanted(None, COMPILE_MIN_STEPS, cpu) is works
+        assert not compile_wanted(None, COMPILE_MIN_STEPS - 1, cpu)
+        assert not compile_wanted(None, COMPILE_MIN_STEPS, torch.device("mps"))
+        assert compile_wanted(True, 10, cpu)
+        assert not compile_wanted(False, 10**6, cpu)
     assert probed == ["cpu", "cpu"]  # only the long runs, on a device inductor builds for, asked the probe
 
 
 def test_without_a_cpp_compiler_compiling_does_not_work(tmp_path):
     """The probe really builds a kernel: with no C++ compiler (and an empty kernel cache) it answers no, so an
     unasked long run trains eager instead of failing at its first step."""
-    code = "from slm.train import compile_works; print(compile_works('cpu'))"
+    code = "from slm.machine import compile_works; print(compile_works('cpu'))"
     env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.split()[-1] == "False", done.stdout + done.stderr

@@ -12,12 +12,16 @@ import slm.training_kernels
 from slm.config import ModelConfig
 from slm.model import GPT
 from slm.training_kernels import (
+    PYTORCH_KERNELS,
+    TrainingKernels,
     _flash_forward,
     causal_attention_backward,
     causal_attention_forward,
     head_loss_and_gradients,
-    uses_blocked_backward,
+    takes_blocked_attention,
 )
+
+ON = TrainingKernels.for_cpu(())  # both paths, the forward blocked too
 
 
 def reference_gradients(q, k, v, grad_out):  # noqa: ANN001, ANN201
@@ -66,28 +70,34 @@ def test_blocked_backward_gives_autograds_gradients(dtype, tolerance, forward):
 
 def test_it_is_taken_only_by_compiled_bf16_training_without_dropout_or_shared_heads(monkeypatch):
     q, kv_shared = torch.zeros(1, 4, 8, 16), torch.zeros(1, 2, 8, 16)
-    assert not uses_blocked_backward(q, q, 0.0)  # eager: PyTorch's kernel is faster there
+    assert not takes_blocked_attention(q, q, 0.0, ON)  # eager: PyTorch's kernel is faster there
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not uses_blocked_backward(q, q, 0.0)  # fp32
+    assert not takes_blocked_attention(q, q, 0.0, ON)  # fp32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert uses_blocked_backward(q, q, 0.0)
-        assert not uses_blocked_backward(q, q, 0.1)
-        assert not uses_blocked_backward(q, kv_shared, 0.0)
+        assert takes_blocked_attention(q, q, 0.0, ON)
+        assert not takes_blocked_attention(q, q, 0.1, ON)
+        assert not takes_blocked_attention(q, kv_shared, 0.0, ON)
         with torch.no_grad():
-            assert not uses_blocked_backward(q, q, 0.0)
-        monkeypatch.setattr(slm.training_kernels, "QUERY_BLOCK", 0)  # off: PyTorch's kernel
-        assert not uses_blocked_backward(q, q, 0.0)
+            assert not takes_blocked_attention(q, q, 0.0, ON)
+        assert not takes_blocked_attention(q, q, 0.0, TrainingKernels(0, 1024))  # off: PyTorch's kernel
+        assert not takes_blocked_attention(q, q, 0.0, PYTORCH_KERNELS)  # a model training did not set up
 
 
-def test_chunked_head_loss_gives_autograds_loss_and_gradients(monkeypatch):
+def test_the_cpu_decides_the_forward_and_a_new_model_takes_neither_path():
+    assert TrainingKernels.for_cpu(("avx512_bf16", "amx_tile", "amx_bf16")).blocked_forward is False
+    assert TrainingKernels.for_cpu(("avx512_bf16",)).blocked_forward is True
+    assert GPT(ModelConfig(vocab_size=64, context_length=8, n_layer=1, n_head=2, d_model=16)).kernels == \
+        PYTORCH_KERNELS
+
+
+def test_chunked_head_loss_gives_autograds_loss_and_gradients():
     """150 tokens in chunks of 64 (the last one partial), some targets left out (-100): the loss and both
     gradients equal autograd's through F.cross_entropy (to fp32's precision, the softmax's)."""
-    monkeypatch.setattr(slm.training_kernels, "LOSS_CHUNK", 64)
     torch.manual_seed(0)
     x, weight = torch.randn(150, 32, dtype=torch.float64), torch.randn(96, 32, dtype=torch.float64)
     targets = torch.randint(0, 96, (150,))
     targets[::7] = -100
-    loss, grad_x, grad_weight = head_loss_and_gradients(x, weight, targets)
+    loss, grad_x, grad_weight = head_loss_and_gradients(x, weight, targets, chunk=64)
     leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_()]
     want = F.cross_entropy(F.linear(*leaves), targets)
     want.backward()
@@ -103,7 +113,6 @@ def test_compiled_bf16_training_uses_them_and_matches_eager(monkeypatch, arch, b
     the chunked head, and its loss and gradients agree with eager bf16 training's (PyTorch's kernels) to bf16's
     precision."""
     traced, forward_traced, loss_traced = [], [], []
-    monkeypatch.setattr(slm.training_kernels, "BLOCKED_FORWARD", blocked_forward)
     monkeypatch.setattr(slm.training_kernels, "causal_attention_backward",
                         lambda *a: traced.append(1) or causal_attention_backward(*a))
     monkeypatch.setattr(slm.training_kernels, "causal_attention_forward",
@@ -114,6 +123,7 @@ def test_compiled_bf16_training_uses_them_and_matches_eager(monkeypatch, arch, b
     torch.manual_seed(0)
     eager = GPT(config)
     compiled = copy.deepcopy(eager)
+    compiled.kernels = TrainingKernels(128, 1024, blocked_forward)  # as the Trainer sets them for a CPU
     tokens, targets = torch.randint(0, 128, (2, 160)), torch.randint(0, 128, (2, 160))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         eager_loss = eager(tokens, targets=targets)

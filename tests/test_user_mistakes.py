@@ -25,7 +25,7 @@ import pytest
 
 from conftest import run_slm, slm_cli
 from helpers import free_port
-from slm.data import piece_ends
+from slm.prepare import piece_ends
 from slm.tokenizer import Tokenizer
 
 
@@ -401,7 +401,7 @@ def test_pieces_cut_before_whitespace_give_the_whole_texts_tokens(trained):
 
 
 def test_a_document_longer_than_a_piece_is_one_document(tmp_path, trained):
-    from slm.data import PIECE_CHARS, tail_cut
+    from slm.prepare import PIECE_CHARS, tail_cut
 
     text = " ".join(f"word{i % 997}" for i in range(PIECE_CHARS // 3))  # ~2 pieces, no newline
     (tmp_path / "one.txt").write_text(text)

@@ -11,7 +11,6 @@ import dataclasses
 import errno
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,39 +29,10 @@ def _presets_help() -> str:
 
 
 # ---- subcommands ----------------------------------------------------------------------------------------
-def machine_report() -> list[str]:
-    """What this machine is and what `auto` picks on it, for training and for decoding."""
-    import torch
-
-    from slm import native
-    from slm.cpu import BF16_MIN_SPEEDUP, FEATURES, bf16_speedup, cpu_info
-    from slm.train import COMPILE_MIN_STEPS
-
-    info = cpu_info()
-    speedup = bf16_speedup()
-    missing = [f for f in FEATURES if f not in info.features]
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (training and serving run on the CPU)"
-    bf16 = speedup >= BF16_MIN_SPEEDUP
-    compiler = native.library() is not None
-    cxx = shutil.which(os.environ.get("CXX", "g++"))  # the C++ compiler torch.compile's CPU kernels are built with
-    return [
-        f"CPU: {info.model} ({info.logical_cpus} logical CPUs; torch uses {info.threads} threads)",
-        f"features: {' '.join(info.features) or '-'}" + (f" (not: {' '.join(missing)})" if missing else ""),
-        f"bf16 matrix products: {speedup:.2f}x the speed of fp32 here (measured once, cached)",
-        f"train --dtype auto: {'bf16 autocast' if bf16 else 'fp32'} (bf16 needs >= {BF16_MIN_SPEEDUP:g}x); "
-        f"Muon's iteration: {'bf16' if bf16 else 'fp32'}",
-        f"train --compile unset: on for runs of {COMPILE_MIN_STEPS}+ steps where torch.compile works (C++ compiler: "
-        + (f"{cxx})" if cxx else "none found, so eager on the CPU)")
-        + ("; compiled bf16 steps take slm's own attention backward and chunked loss" if bf16 and cxx else ""),
-        "decoding: " + ("the native C step (fp32 weights; --decode-weights fp16 for the fp16 copies)" if compiler and
-                        native.enabled() else "the PyTorch step (" + ("SLM_NATIVE=0" if not native.enabled()
-                                                                    else "no C compiler found") + ")"),
-        f"GPU: {gpu}",
-    ]
-
-
 def cmd_info(args: argparse.Namespace) -> int:
-    print("\n".join(machine_report()) + "\n")
+    from slm.machine import report
+
+    print("\n".join(report()) + "\n")
     print(_presets_help())
     for name, p in PRESETS.items():
         if p.why:
@@ -74,7 +44,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from slm.data import prepare
+    from slm.prepare import prepare
 
     given = {name: getattr(args, name) for name in args.prepare_flags if getattr(args, name) is not None}
     meta = prepare(args.inputs, args.out, progress=not args.quiet, force=args.force, **given)
@@ -93,7 +63,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from slm.memory import keep_freed_memory
-    from slm.train import TrainConfig, TrainError, load_config_file, resume_settings, settings_under_flags, train
+    from slm.train import train
+    from slm.train_config import TrainConfig, TrainError, load_config_file, resume_settings, settings_under_flags
 
     # The saved run's settings (with --resume), then the config file, then flags: each overrides the last.
     values, model_overrides = resume_settings(args.out) if args.resume else ({}, {})
@@ -332,7 +303,7 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_prepare(sub: argparse._SubParsersAction) -> None:
-    from slm.data import PrepareConfig
+    from slm.prepare import PrepareConfig
 
     p = sub.add_parser("prepare", help="corpus -> tokenizer + train.bin/val.bin")
     p.add_argument("inputs", nargs="*", help=".txt/.md files, directories, .jsonl(.gz), .parquet")
@@ -345,7 +316,7 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     from slm.config import ModelConfig
-    from slm.train import TrainConfig
+    from slm.train_config import TrainConfig
 
     p = sub.add_parser("train", help="train a model on a prepared data directory",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_presets_help())
@@ -359,8 +330,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="no progress bar or log lines (metrics.jsonl still records every figure)")
     p.add_argument("--force", action="store_true",
                    help="start over in an --out that holds an earlier run or other files (they are deleted)")
-    settings = p.add_argument_group("training settings", "slm.train.TrainConfig's defaults; a preset's own recipe "
-                                    "(slm info) or --init-from's fine-tuning recipe replaces some of them")
+    settings = p.add_argument_group("training settings", "slm.train_config.TrainConfig's defaults; a preset's own "
+                                    "recipe (slm info) or --init-from's fine-tuning recipe replaces some of them")
     add_settings(settings, TrainConfig)
     shape = p.add_argument_group("model shape", "the preset's (slm info) unless given; recorded in the run's "
                                  "config.json")
@@ -401,7 +372,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
-    from slm.train import TrainConfig
+    from slm.train_config import TrainConfig
 
     p = sub.add_parser("bench", help="decode speed: KV cache vs none vs transformers vs llama.cpp")
     p.add_argument("--model", default=None, help="checkpoint directory or 'default' (else random weights)")

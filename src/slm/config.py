@@ -13,6 +13,7 @@ class ConfigError(SlmError):
 
 
 ARCHS = ("gpt2", "llama")
+IGNORE_INDEX = -100  # a target the training loss leaves out (F.cross_entropy's default; data's masked targets)
 
 
 def setting(default: object, help: str, **cli: object) -> dataclasses.Field:

@@ -22,6 +22,8 @@ from functools import cache
 
 import torch
 
+from slm.files import cache_dir
+
 # Flags that decide the fast paths: AVX2/FMA (fp32 matmuls, the native step), F16C (its fp16 weights),
 # AVX-512 and AVX512-BF16/AMX (bf16 matmuls).
 FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
@@ -89,8 +91,6 @@ def probe_key(info: CpuInfo) -> str:
 @cache
 def bf16_speedup() -> float:
     """fp32 seconds / bf16 seconds of a matrix product here (measured once per CPU, cached)."""
-    from slm.native import cache_dir  # the same cache directory as the native step's builds
-
     info = cpu_info()
     path = cache_dir() / f"cpu-probe-{probe_key(info)}.json"
     try:

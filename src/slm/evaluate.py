@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from slm.data import DataError, list_files, read_documents
+from slm.corpus import list_files, read_documents
+from slm.data import DataError
 from slm.model import GPT
 from slm.tokenizer import Tokenizer
 

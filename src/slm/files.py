@@ -1,4 +1,5 @@
-"""Atomic file writes: a temp file in the same directory, then a rename, so no reader sees half a file."""
+"""Atomic file writes (a temp file in the same directory, then a rename, so no reader sees half a file), and
+the cache directory slm keeps its builds and measurements in."""
 
 from __future__ import annotations
 
@@ -30,3 +31,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, data: object) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def cache_dir() -> Path:
+    """$XDG_CACHE_HOME/slm (~/.cache/slm): the native step's builds and the CPU probe's readings."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    path = Path(base) / "slm"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    except OSError:  # a read-only home (containers): the temp folder
+        return Path(tempfile.gettempdir())

@@ -21,7 +21,7 @@ from torch import nn
 
 from slm.config import ModelConfig
 from slm.kv_cache import KVCache
-from slm.training_kernels import causal_attention, head_loss
+from slm.training_kernels import PYTORCH_KERNELS, TrainingKernels, causal_attention, head_loss
 
 
 def rotary_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,12 +50,14 @@ class Attend:
     ``start``: where the new tokens go in the cache (None: each row at its own length, one token each).
     ``causal``: SDPA's own causal mask (no cached prefix); else ``mask`` (True = may attend) or, for one new
     token that sees everything before it, no mask at all. ``rotary``: cos/sin of the tokens' positions (llama).
+    ``kernels``: the training paths the model was given (``GPT.kernels``).
     """
 
     start: int | None
     causal: bool
     mask: torch.Tensor | None
     rotary: tuple[torch.Tensor, torch.Tensor] | None
+    kernels: TrainingKernels
 
 
 class CausalSelfAttention(nn.Module):
@@ -81,7 +83,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.write(self.layer, k, v, attend.start)
         dropout = self.dropout if self.training else 0.0
         if attend.causal:
-            y = causal_attention(q, k, v, dropout)
+            y = causal_attention(q, k, v, dropout, attend.kernels)
         else:
             gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend.mask, dropout_p=dropout, **gqa)
@@ -151,6 +153,8 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = norm_layer(config)
         self._head_cache: tuple[tuple, torch.Tensor] | None = None
+        # slm's own paths for compiled bf16 CPU training: off unless training turns them on (slm.training_kernels)
+        self.kernels = PYTORCH_KERNELS
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream keeps its variance.
         for name, p in self.named_parameters():
@@ -235,7 +239,7 @@ class GPT(nn.Module):
         b, t = tokens.shape
         pos, start = self.positions(t, cache)
         x, rotary = self.embed(tokens, pos)
-        attend = Attend(start, *self.attention_mask(t, cache, start), rotary)
+        attend = Attend(start, *self.attention_mask(t, cache, start), rotary, self.kernels)
         if self.training and self.config.dropout:
             x = F.dropout(x, self.config.dropout, True)
         for block in self.h:
@@ -246,7 +250,7 @@ class GPT(nn.Module):
             x = x[torch.arange(b, device=x.device), logits_at]
         x = self.ln_f(x)
         if targets is not None:  # the loss in here, so that torch.compile fuses it with the head (in fp32)
-            return head_loss(x, self.wte.weight, targets)
+            return head_loss(x, self.wte.weight, targets, self.kernels)
         if torch.is_grad_enabled():  # training (or any caller that wants gradients): through the tied weight
             return F.linear(x, self.wte.weight)
         return x @ self._head_weight_t()  # inference: a cached transposed copy, faster for decode steps

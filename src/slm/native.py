@@ -14,15 +14,19 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import warnings
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from slm.cpu import cpuinfo_field
+from slm.files import cache_dir
 from slm.kv_cache import KVCache
-from slm.model import GPT
+
+if TYPE_CHECKING:
+    from slm.model import GPT
 
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
@@ -49,20 +53,8 @@ class Cache(ctypes.Structure):
     _fields_ = [("k", F32), ("v", F32), ("rows", ctypes.c_int), ("max_len", ctypes.c_int)]
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    path = Path(base) / "slm"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    except OSError:  # a read-only home (containers): the temp folder
-        return Path(tempfile.gettempdir())
-
-
 def cpu_signature() -> str:
     """What -march=native compiles for: the CPU's feature flags on Linux, else the processor name."""
-    from slm.cpu import cpuinfo_field
-
     return cpuinfo_field("flags") or platform.processor()
 
 

@@ -1,4 +1,8 @@
-"""The training loop: one process, or DDP under torchrun. Resumable, atomic, with metrics and a loss plot."""
+"""The training loop: one process, or DDP under torchrun. Resumable, atomic, with metrics and a loss plot.
+
+Its settings are slm.train_config's, its machine policy slm.machine's, its starting point for a fine-tune
+slm.finetune's, its reports slm.reporting's; this module is the run itself.
+"""
 
 from __future__ import annotations
 
@@ -11,239 +15,28 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 
-import tomllib
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from tqdm import tqdm
 
 from slm import checkpoint
-from slm.config import ConfigError, ModelConfig, check_types, get_preset, setting
-from slm.cpu import bf16_pays, cpu_info
+from slm.config import ModelConfig, get_preset
+from slm.cpu import cpu_info
 from slm.data import BatchSampler, eval_windows, load_meta, mixture, open_mask, open_tokens, trains_on_instruct
-from slm.errors import SlmError
-from slm.files import atomic_write, atomic_write_json
-from slm.grow import grow_depth
+from slm.files import atomic_write_json
+from slm.finetune import check_same_tokenizer, fine_tune_shape, load_starting_point, starting_weights
+from slm.machine import autocast_dtype, compile_wanted, cpu_bf16_fast, resolve_device
 from slm.model import GPT
 from slm.optim import Optimizers, make_optimizers
 from slm.outputs import NO_ROOM, write_error
+from slm.reporting import flops_per_token, format_duration, hardware, peak_flops, plot_losses
 from slm.run_dir import run_directory, trim_metrics
 from slm.tokenizer import Tokenizer
-
-
-class TrainError(SlmError):
-    """A training setting or state that cannot be used."""
-
-
-# torch.compile costs 20-40 s before the first step on a 2-core CPU, then saves 10-20% of every step
-# (benchmarks/step-time.json, docs/training-on-cpu.md): unasked, it is on for runs long enough to earn that back.
-COMPILE_MIN_STEPS = 500
-
-
-LOSS_ON = ("all", "story")
-
-
-@dataclass
-class TrainConfig:
-    """Every training setting, its default and its help text: `slm train` makes one flag of each field."""
-
-    preset: str = setting("slm-16m", "model preset (slm info lists them)")
-    batch_size: int = setting(16, "sequences per micro-batch per process")
-    grad_accum: int = setting(1, "micro-batches per optimizer step")
-    max_steps: int = setting(2000, "optimizer steps")
-    lr: float = setting(1e-3, "peak learning rate (AdamW's)")
-    min_lr_ratio: float = setting(0.1, "the cosine schedule decays to lr x this")
-    warmup_steps: int = setting(100, "linear warmup steps")
-    weight_decay: float = setting(0.1, "AdamW weight decay")
-    beta1: float = setting(0.9, "AdamW beta1")
-    beta2: float = setting(0.95, "AdamW beta2")
-    grad_clip: float = setting(1.0, "gradient norm clip (0 = off)")
-    optimizer: str = setting("adamw", "muon: Muon for the blocks' matrices, AdamW for the rest",
-                             choices=("adamw", "muon"))
-    muon_lr: float = setting(0.02, "Muon's peak learning rate (lr stays AdamW's)")
-    muon_momentum: float = setting(0.95, "Muon's momentum")
-    mix: str = setting("", "sample inputs by weight, e.g. simple-stories=3,fables=2 (names start input file names)")
-    loss_on: str = setting("all", "story: leave the instruct headers (slm prepare --instruct) out of the loss",
-                           choices=LOSS_ON)
-    eval_interval: int = setting(100, "steps between evaluations")
-    eval_windows: int = setting(64, "validation windows scored at each evaluation (the same ones every time)")
-    log_interval: int = setting(10, "steps between log lines")
-    seed: int = setting(1337, "random seed")
-    device: str = setting("auto", "auto | cpu | cuda | mps")
-    dtype: str = setting("auto", "autocast precision; auto: bf16 where this machine runs it faster",
-                         choices=("auto", "fp32", "bf16"))
-    compile: bool | None = setting(None, f"torch.compile the model; unset: on for runs of {COMPILE_MIN_STEPS}+ "
-                                   "steps where it works (CUDA, or a CPU with a C++ compiler)")
-    threads: int = setting(0, "torch CPU threads; 0 = torch's default")
-    max_minutes: float = setting(0.0, "stop and save after this much wall time (per leg with --resume); 0 = no limit")
-    init_from: str = setting("", "fine-tune: start from this model's weights and shape (a checkpoint or run "
-                             "directory, or 'default'), with a new optimizer and schedule; the data must use its "
-                             "tokenizer (slm prepare --tokenizer MODEL)", metavar="MODEL")
-
-
-# Fine-tuning (--init-from) starts from weights that are already good: a lower peak rate and a short warmup
-# than a run from scratch. Measured side by side in docs/fine-tuning.md (benchmarks/finetune.py).
-FINETUNE_RECIPE = {"optimizer": "muon", "muon_lr": 0.005, "lr": 3e-4, "warmup_steps": 10, "batch_size": 8}
-# Settings fine-tuning can change; everything else about the shape is the model's.
-FINETUNE_MAY_CHANGE = ("dropout",)
-
-
-def load_config_file(path: str | Path) -> tuple[dict, dict]:
-    """Read a TOML file: top-level keys are TrainConfig fields, a [model] table overrides ModelConfig fields."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: file not found")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"--config {path}: invalid TOML ({e})") from e
-    model = data.pop("model", {})
-    if not isinstance(model, dict):
-        raise ConfigError(f"--config {path}: model = {model!r}; [model] must be a table of shape settings")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))}, "
-                          "and a [model] table)")
-    model_known = {f.name for f in dataclasses.fields(ModelConfig)}
-    bad = sorted(set(model) - model_known)
-    if bad:
-        raise ConfigError(f"--config {path}: unknown [model] key(s) {', '.join(bad)} "
-                          f"(known: {', '.join(sorted(model_known))})")
-    check_types(data, TrainConfig, f"--config {path}: ")
-    check_types(model, ModelConfig, f"--config {path}: [model] ")
-    return data, model
-
-
-# ---- helpers --------------------------------------------------------------------------------------------
-def resume_settings(out: str | Path) -> tuple[dict, dict]:
-    """(train settings, model shape) a run in ``out`` was saved with, so ``--resume`` needs no flags repeated.
-
-    ``max_minutes`` is left out: it limits one leg of a run, not the run."""
-    last = checkpoint.find_last(Path(out))
-    if last is None:
-        return {}, {}
-    saved = checkpoint.read_config(last)
-    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"max_minutes"}
-    train_values = {k: v for k, v in saved.get("training", {}).get("train_config", {}).items() if k in known}
-    model = {k: v for k, v in saved["model"].items() if k != "vocab_size"}  # the tokenizer decides the vocabulary
-    return train_values, model
-
-
-@dataclass(frozen=True)
-class StartingPoint:
-    """A trained model that a new run starts from (``--init-from``): its weights, shape and tokenizer."""
-
-    name: str
-    path: Path
-    config: ModelConfig
-    weights: dict[str, torch.Tensor]
-    tokenizer: Tokenizer
-    record: dict  # where it came from: its path and the training it had
-    template: str | None  # the request format it learned (slm.instruct), if any
-
-
-def load_starting_point(name: str) -> StartingPoint:
-    model, tokenizer = checkpoint.load(name)
-    path = checkpoint.resolve(name)
-    saved = checkpoint.read_config(path)
-    training = saved.get("training", {})
-    record = {"model": str(path), "steps": training.get("steps"), "tokens_seen": training.get("tokens_seen"),
-              "n_layer": model.config.n_layer}
-    return StartingPoint(name, path, model.config, model.state_dict(), tokenizer, record, saved.get("template"))
-
-
-def fine_tune_shape(start: StartingPoint, overrides: dict) -> ModelConfig:
-    """The starting model's shape; shape flags may only repeat it, except that dropout may change and
-    ``n_layer`` may grow (slm.grow: new blocks that start as the identity)."""
-    def allowed(k: str, v) -> bool:
-        grows = k == "n_layer" and v > start.config.n_layer
-        return k in FINETUNE_MAY_CHANGE or k == "vocab_size" or grows or getattr(start.config, k) == v
-
-    conflicts = {k: v for k, v in overrides.items() if not allowed(k, v)}
-    if conflicts:
-        asked = ", ".join(f"{k} {v} (the model has {getattr(start.config, k)})" for k, v in conflicts.items())
-        raise TrainError(f"--init-from {start.name}: the model's shape cannot change when fine-tuning (it may only "
-                         f"grow deeper: --n-layer above {start.config.n_layer}); asked for {asked}. Drop those "
-                         "flags, or train a new shape from scratch")
-    changes = {k: v for k, v in overrides.items() if k in (*FINETUNE_MAY_CHANGE, "n_layer")}
-    return dataclasses.replace(start.config, **changes)
-
-
-def starting_weights(start: StartingPoint, shape: ModelConfig) -> dict[str, torch.Tensor]:
-    """The starting model's weights for ``shape``: as they are, or grown deeper (slm.grow)."""
-    if shape.n_layer == start.config.n_layer:
-        return start.weights
-    return grow_depth(start.weights, start.config.n_layer, shape.n_layer)
-
-
-def check_same_tokenizer(start: StartingPoint, data_dir: str | Path, data_tokenizer: Tokenizer) -> None:
-    if data_tokenizer.same_as(start.tokenizer):
-        return
-    raise TrainError(f"--data {data_dir} was tokenized with another tokenizer ({data_tokenizer.describe()}) than "
-                     f"--init-from {start.name} ({start.tokenizer.describe()}, {start.path}); prepare the text with "
-                     f"the model's own: slm prepare INPUT --out DIR --tokenizer {start.name}")
-
-
-def settings_under_flags(values: dict) -> dict:
-    """Defaults that the config file and flags override: the fine-tuning recipe and the starting model's preset
-    name with --init-from, else the preset's measured recipe."""
-    name = values.get("init_from")
-    if not name:
-        return get_preset(values.get("preset", TrainConfig.preset)).training
-    trained = checkpoint.read_config(checkpoint.resolve(name)).get("training", {})
-    return {**FINETUNE_RECIPE, "preset": trained.get("preset", TrainConfig.preset)}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise TrainError("--device mps: Apple MPS is not available here; use --device cpu")
-    if name not in ("cpu", "cuda", "mps"):
-        raise TrainError(f"--device {name!r}: choose auto, cpu, cuda or mps")
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
-
-
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA, and on CPUs where bf16 matrix products measure faster (slm.cpu); fp32 otherwise
-    (auto), or as asked."""
-    if name not in ("auto", "fp32", "bf16"):
-        raise TrainError(f"--dtype {name!r}: choose auto, fp32 or bf16")
-    if name == "fp32":
-        return None
-    if name == "auto" and (device.type == "mps" or (device.type == "cpu" and not bf16_pays())):
-        return None
-    return torch.bfloat16
-
-
-@cache
-def compile_works(device_type: str) -> bool:
-    """Whether torch.compile builds and runs a kernel on this device here: inductor needs a C++ compiler and
-    Python's headers on a CPU, triton on CUDA. A few seconds, paid only by runs that compile unasked."""
-    try:
-        return float(torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device_type)).sum()) == 12.0
-    except Exception:  # a missing compiler, headers or triton: inductor's errors share no narrower base class
-        return False
-
-
-def compile_wanted(cfg: TrainConfig, device: torch.device) -> bool:
-    """--compile or --no-compile as given; unset, on where it pays: a run of COMPILE_MIN_STEPS or more, on a
-    CPU or CUDA device where compiling works."""
-    if cfg.compile is not None:
-        return cfg.compile
-    return cfg.max_steps >= COMPILE_MIN_STEPS and device.type in ("cpu", "cuda") and compile_works(device.type)
+from slm.train_config import TrainConfig, TrainError, check_settings
+from slm.training_kernels import TrainingKernels
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
@@ -258,67 +51,7 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
 def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optimizers:
     """AdamW (weight decay only on the blocks' matrices), or Muon on those matrices + AdamW on the rest."""
     return make_optimizers(model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.muon_lr,
-                           cfg.muon_momentum, device, device.type == "cpu" and bf16_pays())
-
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def flops_per_token(config: ModelConfig, n_params: int) -> float:
-    """Training FLOPs per token (PaLM appendix B, as in nanoGPT): 6N plus the attention term."""
-    return 6 * n_params + 12 * config.n_layer * config.d_model * config.context_length
-
-
-def format_duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
-
-
-def hardware(device: torch.device, world: int) -> str:
-    if device.type == "cuda":
-        what = f"{world}x {torch.cuda.get_device_name(device)}"
-    else:
-        info = cpu_info()
-        features = f" ({', '.join(info.features)})" if info.features else ""
-        what = f"{info.model}{features}, {torch.get_num_threads()} threads"
-        if world > 1:
-            what = f"{world} processes x {what}"
-    return what
-
-
-# ---- plotting -------------------------------------------------------------------------------------------
-def plot_losses(metrics_path: Path, png: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train, val = [], []
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        m = json.loads(line)
-        if m["kind"] != "leg":  # a leg's start carries no loss
-            (val if m["kind"] == "eval" else train).append(m)
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    if train:
-        ax.plot([m["tokens"] / 1e6 for m in train], [m["loss"] for m in train], label="train", lw=1, alpha=0.8)
-    if val:
-        ax.plot([m["tokens"] / 1e6 for m in val], [m["val_loss"] for m in val], "o-", label="validation", ms=3)
-    ax.set_xlabel("tokens seen (millions)")
-    ax.set_ylabel("cross-entropy loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+                           cfg.muon_momentum, device, cpu_bf16_fast(device))
 
 
 # ---- the loop -------------------------------------------------------------------------------------------
@@ -336,16 +69,6 @@ def evaluate_windows(model: GPT, windows: torch.Tensor, batch_size: int, device:
         count += w[:, 1:].numel()
     model.train()
     return total / count
-
-
-def check_settings(cfg: TrainConfig) -> None:
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval", "eval_windows"):
-        if getattr(cfg, name) <= 0:
-            raise TrainError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise TrainError(f"--lr must be positive, got {cfg.lr}")
-    if cfg.loss_on not in LOSS_ON:
-        raise TrainError(f"--loss-on {cfg.loss_on!r}: choose {' or '.join(LOSS_ON)}")
 
 
 @dataclass
@@ -378,10 +101,12 @@ class Trainer:
         if self.start is not None:
             self.model.load_state_dict(starting_weights(self.start, self.shape))
         self.model.to(device)
+        if device.type == "cpu":  # slm's own paths for compiled bf16 steps, chosen for this CPU once
+            self.model.kernels = TrainingKernels.for_cpu(cpu_info().features)
         self.optimizer = make_optimizer(self.model, cfg, device)
         self.state = RunState()
         self.restore(resume)
-        self.compiled = compile_wanted(cfg, device)
+        self.compiled = compile_wanted(cfg.compile, cfg.max_steps, device)
         self.wrapped = self.wrap(self.model)
         self.metrics_path = out / "metrics.jsonl"
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * world * self.shape.context_length
@@ -417,10 +142,10 @@ class Trainer:
         self.template = learned or (self.start.template if self.start else None)
 
     def restore(self, resume: bool) -> None:
-        """Continue from last/ (--resume), or make sure we are not about to overwrite a run."""
-        last = checkpoint.find_last(self.out)
-        if not resume:  # slm.run_dir has checked that a new run starts in an empty directory
+        """Continue from last/ (--resume); a new run starts in an empty directory (slm.run_dir checked it)."""
+        if not resume:
             return
+        last = checkpoint.find_last(self.out)
         if last is None:
             raise TrainError(f"--resume: no resumable run in {self.out} (no last/ with train_state.json)")
         saved = ModelConfig.from_dict(checkpoint.read_config(last)["model"]).to_dict()
