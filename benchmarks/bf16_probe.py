@@ -5,7 +5,7 @@
 For each cap (``ONEDNN_MAX_CPU_ISA``, with ``ATEN_CPU_CAPABILITY`` and ``MKL_ENABLE_INSTRUCTIONS`` to match for
 AVX2: the way to see on one machine what an older CPU's kernels give), a fresh process measures fp32 / bf16
 seconds of a square matrix product ``--repeats`` times in two ways: one after the other, 0.1 s each (the probe
-up to session 24), and the precisions in turns keeping each one's best (``slm.cpu.measure_bf16_speedup``), at
+up to commit 7a0a139), and the precisions in turns keeping each one's best (``slm.cpu.measure_bf16_speedup``), at
 256 and 512. A probe whose readings straddle ``slm.cpu.BF16_MIN_SPEEDUP`` flips `auto` at random.
 """
 

@@ -6,7 +6,7 @@ For each model, each example prompt is answered with `--seeds` seeds at the play
 repetition penalty, `--tokens` new tokens at most. Counted per prompt: the share of answers that end their story
 (`<|endoftext|>`) before five sentences, and the median sentences written. The greedy answers of
 bundled_model.py are one sample of this; here the early ends are counted over many. Written to compare data
-whose cut-off instruct parts teach an end (`slm prepare` before session 21) with data that masks it.
+whose cut-off instruct parts teach an end (`slm prepare` before 2026-12-07) with data that masks it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 Each case runs in a fresh process (OpenMP's thread teams live as long as the thread that made them):
   main      the steps in the main thread, the model loaded there too (`slm generate`)
   worker    the steps in a worker thread; the model loaded in another thread that stays alive (the server before
-            session 22, asyncio.to_thread): two OpenMP teams, more threads than cores on a 2-core machine
+            2026-12-07, asyncio.to_thread): two OpenMP teams, more threads than cores on a 2-core machine
   ended     the steps in a worker thread; the model loaded in a thread that has ended (the server now)
 libgomp spins between parallel regions only while it has no more threads than cores; past that, every region
 (dozens a decode step) starts with a sleep and a wake-up.

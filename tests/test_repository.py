@@ -114,3 +114,22 @@ def test_importing_any_module_reads_no_hardware():
     assert out.returncode == 0, out.stderr
     reads = json.loads(out.stdout.splitlines()[-1])
     assert not reads, reads[0]
+
+
+# A figure dated by the numbered work period it was measured in (the word for one, then its number; or "this"
+# and the word) means nothing to a reader: the tree names a date or a commit instead.
+WORK_PERIOD = re.compile(r"\bsessions?\s+\d+|\b(?:this|that|next|earlier|previous|one)\s+session\b|\bsession-\d+",
+                         re.IGNORECASE)
+
+
+def test_no_figure_is_dated_by_a_numbered_work_period():
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    found = []
+    for name in files:
+        path = ROOT / name
+        if path.suffix in (".png", ".safetensors", ".bin") or name.endswith("tokenizer.json") or not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="ignore").splitlines(), 1):
+            if WORK_PERIOD.search(line):
+                found.append(f"{name}:{number}: {line.strip()[:100]}")
+    assert not found, "\n".join(found)
