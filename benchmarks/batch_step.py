@@ -35,10 +35,11 @@ def timed_steps(model, prompts: list[list[int]], steps: int, decode_step: str, w
     engine = Engine(model, None, max_batch=len(prompts), decode_step=decode_step, decode_weights=weights)
     seqs = [engine.add(p, SamplingParams(max_new_tokens=steps + 1, temperature=0, stop_at_eot=False))
             for p in prompts]
-    engine.step()  # the prefill and first tokens: not part of the figure
+    run = engine.run(seqs)
+    next(run)  # the prefill and first tokens: not part of the figure
     start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
+    for _ in run:
+        pass
     return (time.perf_counter() - start) / steps * 1000, [s.generated for s in seqs]
 
 

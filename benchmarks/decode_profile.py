@@ -26,10 +26,11 @@ MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::matmul", "aten::linear", "aten::
 def run(model, prompt: list[int], n: int, native: bool, weights: str = "fp32") -> tuple[float, list[int]]:
     engine = Engine(model, None, max_batch=1, decode_step="native" if native else "torch", decode_weights=weights)
     seq = engine.add(prompt, SamplingParams(max_new_tokens=n, temperature=0, stop_at_eot=False))
-    engine.step()  # the prefill and first token: not part of the per-token figure
+    steps = engine.run([seq])
+    next(steps)  # the prefill and first token: not part of the per-token figure
     start = time.perf_counter()
-    while not seq.finished:
-        engine.step()
+    for _ in steps:
+        pass
     return (time.perf_counter() - start) / (n - 1) * 1000, seq.generated
 
 

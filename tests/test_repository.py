@@ -133,3 +133,24 @@ def test_no_figure_is_dated_by_a_numbered_work_period():
             if WORK_PERIOD.search(line):
                 found.append(f"{name}:{number}: {line.strip()[:100]}")
     assert not found, "\n".join(found)
+
+
+def imported_by(name: str, graph: dict[str, set[str]]) -> set[str]:
+    """Every slm module ``name`` imports, directly or through others."""
+    seen, todo = set(), [name]
+    while todo:
+        for module in graph[todo.pop()] - seen:
+            seen.add(module)
+            todo.append(module)
+    return seen
+
+
+def test_the_model_knows_no_files_and_the_server_no_training():
+    """docs/design.md's data flow: the model imports nothing that reads files or tokenizes, the server nothing
+    of preparing data or training."""
+    graph = import_graph()
+    files = {"slm.checkpoint", "slm.files", "slm.corpus", "slm.data", "slm.prepare", "slm.tokenizer", "slm.outputs"}
+    assert not imported_by("slm.model", graph) & files
+    training = {"slm.train", "slm.train_config", "slm.machine", "slm.finetune", "slm.reporting", "slm.run_dir",
+                "slm.optim", "slm.data", "slm.prepare"}
+    assert not imported_by("slm.server.app", graph) & training

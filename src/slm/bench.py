@@ -48,8 +48,7 @@ def decode(model: GPT, prompt: list[int], n: int, use_cache: bool, decode_step: 
                     decode_weights=decode_weights)
     seq = engine.add(prompt, SamplingParams(max_new_tokens=n, temperature=0, stop_at_eot=False))
     start = time.perf_counter()
-    while not seq.finished:
-        engine.step()
+    engine.finish([seq])
     return time.perf_counter() - start, seq.generated
 
 

@@ -145,7 +145,7 @@ def story_prompt(args: argparse.Namespace) -> tuple[str, tuple[str, ...]]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from slm.generation import Engine, SamplingParams, raise_failed
+    from slm.generation import Engine, SamplingParams
     from slm.instruct import used_words
 
     prompt, words = story_prompt(args)
@@ -164,9 +164,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.stream and not args.json:
         print(prompt, end="", flush=True)
-    while not seq.finished:
-        engine.step()
-        raise_failed([seq])
+    for _ in engine.run([seq]):
         if args.stream and not args.json:
             print(seq.take_text(), end="", flush=True)
     seconds = time.perf_counter() - started

@@ -15,14 +15,15 @@ import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from slm.data import DataError
+from slm.errors import SlmError
+
+
+class DataError(SlmError):
+    """The corpus or a prepared data directory cannot be used."""
+
 
 TEXT_SUFFIXES = (".txt", ".md")
-
-
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
-
-
 SUPPORTED = TEXT_SUFFIXES + JSONL_SUFFIXES + (".parquet",)
 
 
@@ -69,8 +70,6 @@ def list_files(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 MAX_INVALID_UTF8 = 0.001  # share of a text file's bytes that may be invalid UTF-8 (replaced, with a warning)
-
-
 UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 

@@ -27,11 +27,11 @@ from slm.files import cache_dir
 # Flags that decide the fast paths: AVX2/FMA (fp32 matmuls, the native step), F16C (its fp16 weights),
 # AVX-512 and AVX512-BF16/AMX (bf16 matmuls).
 FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-# bf16 matmuls this much faster than fp32: training gains despite autocast's casts. Measured (cpu-7m, eager,
-# docs/training-on-cpu.md): probe 0.38 -> bf16 steps 0.54x fp32's, probe 2.15 -> 1.47x; 1.5 sits between.
+# bf16 matmuls at least this much faster than fp32: training gains despite autocast's casts (the bar sits
+# between two measured training points: docs/training-on-cpu.md, "On an AMD EPYC with AVX512-BF16").
 BF16_MIN_SPEEDUP = 1.5
-# Square matrices of PROBE_SIZE, timed in PROBE_ROUNDS turns of about ROUND_SECONDS per precision: on an
-# AVX512-BF16 EPYC this reads 2.13-2.40, where 256^3 timed once each way read 1.57-1.94 (benchmarks/bf16_probe.py).
+# Square matrices of PROBE_SIZE, timed in PROBE_ROUNDS turns of about ROUND_SECONDS per precision, each keeping
+# its best turn: large and repeated enough that the reading is steady from one process to the next (same doc).
 PROBE_SIZE, PROBE_ROUNDS, ROUND_SECONDS = 512, 5, 0.02
 ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")  # libraries' caps; ATen's shows in its capability
 

@@ -10,11 +10,7 @@ import numpy as np
 import torch
 
 from slm.config import IGNORE_INDEX
-from slm.errors import SlmError
-
-
-class DataError(SlmError):
-    """The corpus or a prepared data directory cannot be used."""
+from slm.corpus import DataError
 
 
 def load_meta(data_dir: str | Path) -> dict:
@@ -149,7 +145,7 @@ def trains_on_instruct(meta: dict, spec: str) -> bool:
     return any(w > 0 for src, w in zip(meta["sources"], weights, strict=True) if src["input"] in instruct)
 
 
-def eval_windows(tokens: np.ndarray, context: int, n: int, seed: int = 1234) -> torch.Tensor:
+def fixed_windows(tokens: np.ndarray, context: int, n: int, seed: int = 1234) -> torch.Tensor:
     """A fixed set of ``n`` windows (same every evaluation), spread over the split."""
     if len(tokens) < context + 2:
         return torch.zeros(0, context + 1, dtype=torch.long)

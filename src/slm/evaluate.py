@@ -9,8 +9,7 @@ from pathlib import Path
 
 import torch
 
-from slm.corpus import list_files, read_documents
-from slm.data import DataError
+from slm.corpus import DataError, list_files, read_documents
 from slm.model import GPT
 from slm.tokenizer import Tokenizer
 

@@ -195,7 +195,7 @@ class Engine:
     (``"torch"``); otherwise, and for prefills, it is ``GPT.forward``.
     ``decode_weights="fp16"``: the native step reads fp16 copies of the matrices (faster, not bit-exact).
 
-    One class of ~190 lines: the cache rows, the active sequences and the window schedule change together at
+    One class of ~225 lines: the cache rows, the active sequences and the window schedule change together at
     every step, so the methods that keep them consistent live with them.
     """
 
@@ -300,6 +300,19 @@ class Engine:
             produced.append((seq, tokens[i]))
         self._drop_finished()
         return produced
+
+    def run(self, seqs: Sequence[SequenceState]) -> Iterator[None]:
+        """Step until every one of ``seqs`` has finished, yielding after each step (to stream their text); a
+        sequence whose sampling failed raises its error. The one loop that drives the engine, for every caller."""
+        while not all(s.finished for s in seqs):
+            self.step()
+            raise_failed(seqs)
+            yield
+
+    def finish(self, seqs: Sequence[SequenceState]) -> None:
+        """Run ``seqs`` to their end."""
+        for _ in self.run(seqs):
+            pass
 
     def reset(self) -> None:
         """Forget every sequence (after a failed step: the cache rows may be half written)."""
@@ -439,9 +452,7 @@ def generate(
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 seed=None if seed is None else seed + i, stop=tuple(stop), **controls)
         seqs.append(engine.add(p, params))
-    while engine.active:
-        engine.step()
-    raise_failed(seqs)
+    engine.finish(seqs)
     if isinstance(tokens, torch.Tensor):
         pad = engine.eot_id if engine.eot_id is not None else 0
         out = [s.prompt + s.generated + [pad] * (max_new_tokens - len(s.generated)) for s in seqs]
@@ -468,9 +479,7 @@ def stream(
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop=tuple(stop), **controls)
     seq = engine.add(ids, params)
-    while not seq.finished:
-        engine.step()
-        raise_failed([seq])
+    for _ in engine.run([seq]):
         piece = seq.take_text()
         if piece:
             yield piece

@@ -18,8 +18,8 @@ class MachineError(SlmError):
     """A device or precision this machine does not have."""
 
 
-# torch.compile costs 20-40 s before the first step on a 2-core CPU, then saves 10-20% of every step
-# (benchmarks/step-time.json, docs/training-on-cpu.md): unasked, it is on for runs long enough to earn that back.
+# torch.compile costs tens of seconds before the first step on a small CPU, then saves a share of every step
+# (docs/training-on-cpu.md): unasked, it is on for runs long enough to earn that back.
 COMPILE_MIN_STEPS = 500
 
 

@@ -23,16 +23,15 @@ def keep_freed_memory() -> bool:
     """Training: keep the memory a step frees for the next step.
 
     By default every block above 32 MB (a step's logits: 4,096 tokens x 8,192 in fp32 is 134 MB) is a fresh
-    mmap whose pages fault in, zeroed, on first touch, step after step: 35,000-190,000 page faults a step for
-    cpu-7m, 8-12% of its time on a 2-core Xeon (docs/training-on-cpu.md). Serving them from the heap and never
-    trimming it removes them; the cost is that the process keeps its peak memory."""
+    mmap whose pages fault in, zeroed, on first touch, step after step (the cost is measured in
+    docs/training-on-cpu.md). Serving them from the heap and never trimming it removes those faults; the cost is
+    that the process keeps its peak memory."""
     return mallopt({M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1})
 
 
 def return_large_buffers_to_the_system() -> bool:
     """Serving: glibc raises its mmap threshold to the largest block freed so far (up to 32 MB), after which the
     logits of a long prefill or scoring window (16 MB at 512 x 8192) come from the heap and stay in the
-    process when freed: one long request grew the server by ~100 MB for good. A fixed 1 MB threshold hands
-    such buffers back (measured: +17 MB after scoring 16,384 tokens, was +130 MB); decode steps allocate
-    far less than 1 MB, so they do not pay for it."""
+    process when freed, so one long request grows the server for good. A fixed 1 MB threshold hands such
+    buffers back (tests/test_memory.py); decode steps allocate far less than 1 MB, so they do not pay for it."""
     return mallopt({M_MMAP_THRESHOLD: 1 << 20})

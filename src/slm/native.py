@@ -3,7 +3,7 @@
 One call computes a whole one-token step for a batch of rows on the model's own fp32 tensors and KV cache,
 so the per-operator overhead of eager PyTorch, most of a CPU decode step's time, disappears. Used by the
 engine for cached decode steps when the model is fp32 on the CPU and a compiler is there; ``SLM_NATIVE=0``
-turns it off. Without a compiler everything runs in PyTorch, as before (slower, same tokens).
+turns it off. Without a compiler everything runs in PyTorch (slower, same tokens).
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def make_optimizers(model: torch.nn.Module, kind: str, lr: float, weight_decay: 
         groups = [{"params": matrices, "weight_decay": weight_decay},
                   {"params": embeddings + vectors, "weight_decay": 0.0}]
         return Optimizers({"adamw": adamw(groups, lr, betas, device)})
-    # Muon's weight decay is lr * wd per step with lr ~0.02: 20x AdamW's at the same wd, so none by default.
+    # Muon's weight decay is lr * wd per step at a learning rate many times AdamW's, so none by default.
     muon = Muon([{"params": matrices, "lr": muon_lr, "base_lr": muon_lr}], lr=muon_lr, momentum=muon_momentum,
                 weight_decay=0.0, ns_dtype=ns_dtype_for(device, cpu_bf16_fast))
     rest = adamw([{"params": embeddings + vectors, "weight_decay": 0.0}], lr, betas, device)

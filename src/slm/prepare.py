@@ -1,7 +1,7 @@
 """`slm prepare`: the validation split, the tokenizer, and train.bin / val.bin token files with meta.json,
 written whole or not at all (slm.outputs). slm.corpus reads the inputs; slm.data reads what this writes.
 
-One module of ~450 lines because it is one pipeline (split -> tokenizer -> encode -> check -> meta), each step
+One module of ~440 lines because it is one pipeline (split -> tokenizer -> encode -> check -> meta), each step
 a function or a small class that the next one takes."""
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from slm.config import setting
-from slm.corpus import count_documents, iter_hf_dataset, list_files, read_documents
-from slm.data import DataError
+from slm.corpus import DataError, count_documents, iter_hf_dataset, list_files, read_documents
 from slm.files import atomic_write_json
 from slm.instruct import MAX_WORDS, N_WORDS, STORY_CHARS, TEMPLATE, instruct_documents
 from slm.outputs import new_directory
@@ -39,15 +38,13 @@ def is_validation(index: int, seed: int, fraction: float) -> bool:
 # "documents": whole documents, chosen by hash (no text of a validation document is ever trained on).
 # "tail": the last fraction of every document (nanoGPT's split of one long text), used when the corpus has
 # too few documents for a document split: one novel, a handful of files.
-SPLITS = ("auto", "documents", "tail")
-
-
+SPLIT_MODES = ("auto", "documents", "tail")
 MIN_VAL_DOCUMENTS = 5  # a document split expects at least this many validation documents
 
 
 def choose_split(split: str, n_docs: int, fraction: float) -> str:
-    if split not in SPLITS:
-        raise DataError(f"--split {split!r}: choose {', '.join(SPLITS)}")
+    if split not in SPLIT_MODES:
+        raise DataError(f"--split {split!r}: choose {', '.join(SPLIT_MODES)}")
     if split != "auto":
         return split
     return "documents" if n_docs * fraction >= MIN_VAL_DOCUMENTS else "tail"
@@ -68,14 +65,8 @@ def tail_cut(text: str, fraction: float) -> int:
 # of about this many characters, so that memory does not grow with it: the tokenizer's trainer and encoder
 # hold many bytes for every character they are given at once. Sizes measured in docs/preparing-data.md.
 PIECE_CHARS = 100_000
-
-
 ENCODE_BATCH_CHARS = 1_000_000  # characters encoded in one parallel batch
-
-
 WORD_END = re.compile(r"\S(?=\s)")
-
-
 NON_SPACE = re.compile(r"\S")
 
 
@@ -125,7 +116,7 @@ class Corpus:
 
     files: list[Path]
     config: PrepareConfig
-    mode: str  # "documents" or "tail" (see SPLITS)
+    mode: str  # "documents" or "tail" (see SPLIT_MODES)
     instruct: list[int]  # indices of the inputs that are also written in the instruct format
 
     @property
@@ -332,7 +323,7 @@ class PrepareConfig:
                                     "(slm train --init-from)")
     val_fraction: float = setting(0.01, "share held out for validation, in [0, 1)")
     split: str = setting("auto", "validation by whole documents, or the tail of each document (auto: documents "
-                         "when there are enough of them)", choices=SPLITS)
+                         "when there are enough of them)", choices=SPLIT_MODES)
     seed: int = setting(0, "seed of the train/validation split (and of the instruct words drawn)")
     text_field: str = setting("text", "JSONL/parquet field holding the text")
     hf_dataset: str | None = setting(None, "also stream this Hugging Face dataset (needs `datasets` + network)")
@@ -357,7 +348,7 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, progress: bool = True
             force: bool = False, **settings: object) -> dict:
     """Tokenize a corpus into ``out_dir`` (train.bin, val.bin, tokenizer.json, meta.json); returns the meta.
 
-    ``settings``: PrepareConfig's fields. ``split``: "documents", "tail" (see SPLITS above) or "auto": documents
+    ``settings``: PrepareConfig's fields. ``split``: "documents", "tail" (see SPLIT_MODES above) or "auto": documents
     when the corpus has enough of them for ``val_fraction``, else tail; a document split that happens to draw no
     document falls back to tail. ``instruct``: names of inputs (file name starts) also written in the instruct
     format (slm.instruct), as extra inputs "instruct:<file name>", with a loss mask (train.mask, val.mask) that

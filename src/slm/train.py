@@ -25,7 +25,7 @@ from tqdm import tqdm
 from slm import checkpoint
 from slm.config import ModelConfig, get_preset
 from slm.cpu import cpu_info
-from slm.data import BatchSampler, eval_windows, load_meta, mixture, open_mask, open_tokens, trains_on_instruct
+from slm.data import BatchSampler, fixed_windows, load_meta, mixture, open_mask, open_tokens, trains_on_instruct
 from slm.files import atomic_write_json
 from slm.finetune import check_same_tokenizer, fine_tune_shape, load_starting_point, starting_weights
 from slm.machine import autocast_dtype, compile_wanted, cpu_bf16_fast, resolve_device
@@ -84,7 +84,7 @@ class RunState:
 class Trainer:
     """One training run: built in small steps, then :meth:`run` loops over :meth:`train_step`.
 
-    ``settings`` is the TrainConfig, ``shape`` the ModelConfig. One class of ~250 lines because every method
+    ``settings`` is the TrainConfig, ``shape`` the ModelConfig. One class of ~295 lines because every method
     reads the same state (model, optimizer, sampler, run state); each method does one job."""
 
     def __init__(self, data_dir, out: Path, cfg: TrainConfig, model_overrides: dict, resume: bool,
@@ -94,12 +94,12 @@ class Trainer:
         self.device, self.rank, self.world = device, rank, world
         self.master, self.show_progress = rank == 0, progress
         self.started = time.time()  # reset when run() starts: elapsed() and the time limit count from there
-        self.start = load_starting_point(cfg.init_from) if cfg.init_from else None
+        self.starting_point = load_starting_point(cfg.init_from) if cfg.init_from else None
         self.load_data(model_overrides)
         torch.manual_seed(cfg.seed)
         self.model = GPT(self.shape)
-        if self.start is not None:
-            self.model.load_state_dict(starting_weights(self.start, self.shape))
+        if self.starting_point is not None:
+            self.model.load_state_dict(starting_weights(self.starting_point, self.shape))
         self.model.to(device)
         if device.type == "cpu":  # slm's own paths for compiled bf16 steps, chosen for this CPU once
             self.model.kernels = TrainingKernels.for_cpu(cpu_info().features)
@@ -117,9 +117,9 @@ class Trainer:
         cfg = self.settings
         self.meta = load_meta(self.data_dir)
         self.tokenizer = Tokenizer.load(Path(self.data_dir) / "tokenizer.json")
-        if self.start is not None:
-            check_same_tokenizer(self.start, self.data_dir, self.tokenizer)
-            self.shape = fine_tune_shape(self.start, model_overrides)
+        if self.starting_point is not None:
+            check_same_tokenizer(self.starting_point, self.data_dir, self.tokenizer)
+            self.shape = fine_tune_shape(self.starting_point, model_overrides)
         else:
             values = {**get_preset(cfg.preset).config.to_dict(), **model_overrides,
                       "vocab_size": self.tokenizer.vocab_size}
@@ -131,7 +131,7 @@ class Trainer:
         self.sampler = BatchSampler(train_tokens, self.shape.context_length, cfg.seed, mixture(self.meta, cfg.mix),
                                     mask)
         val_tokens = open_tokens(self.data_dir, "val", self.meta)
-        self.val_set = eval_windows(val_tokens, self.shape.context_length, cfg.eval_windows)
+        self.val_set = fixed_windows(val_tokens, self.shape.context_length, cfg.eval_windows)
         self.bytes_per_token = self.meta["val"]["bytes_per_token"] or self.meta["train"]["bytes_per_token"]
         if cfg.loss_on == "story" and mask is None:
             raise TrainError(f"--loss-on story: {self.data_dir} has no instruct documents (train.mask); prepare "
@@ -139,7 +139,7 @@ class Trainer:
         # The request format the model learns (slm.instruct), saved with it: from the data when the mix samples
         # its instruct copies, or kept from the model it starts from.
         learned = self.meta["instruct"]["template"] if trains_on_instruct(self.meta, cfg.mix) else None
-        self.template = learned or (self.start.template if self.start else None)
+        self.template = learned or (self.starting_point.template if self.starting_point else None)
 
     def restore(self, resume: bool) -> None:
         """Continue from last/ (--resume); a new run starts in an empty directory (slm.run_dir checked it)."""
@@ -217,7 +217,7 @@ class Trainer:
                      "train_tokens": meta["train"]["tokens"], "val_tokens": meta["val"]["tokens"],
                      "val_bytes_per_token": self.bytes_per_token},
             "preset": cfg.preset,
-            "init_from": self.start.record if self.start else None,
+            "init_from": self.starting_point.record if self.starting_point else None,
             "train_config": dataclasses.asdict(cfg),
             "parameters": self.model.num_parameters(),
             "steps": self.state.step,
@@ -292,7 +292,7 @@ class Trainer:
             self.model, self.tokenizer, tmp, training=self.summary(val_loss), template=self.template))
 
     def title(self) -> str:
-        what = f"fine-tuned from {self.start.name}" if self.start else self.settings.preset
+        what = f"fine-tuned from {self.starting_point.name}" if self.starting_point else self.settings.preset
         return f"{what}, {self.model.num_parameters() / 1e6:.1f}M parameters"
 
     def log_window(self, losses: list[float], seconds: float, lr: float, bar: tqdm, lines: bool) -> None:

@@ -27,8 +27,8 @@ from slm.server.connections import uvicorn_config
 from slm.server.engine import ServingEngine
 from slm.server.guard import Guard
 from slm.server.metrics import Metrics
-from slm.server.routes import FieldProblem, Served, router
-from slm.server.schemas import SERVED
+from slm.server.routes import FieldProblem, ServerState, router
+from slm.server.schemas import COMPLETIONS_VARIANT
 from slm.server.settings import Settings
 
 log = logging.getLogger("slm.server")
@@ -40,20 +40,23 @@ def build_engine(settings: Settings, metrics: Metrics) -> tuple[ServingEngine, d
     model, tokenizer = load(settings.model)
     torch.manual_seed(0)
     untrained = GPT(model.config).eval()  # same shape, random initialisation
-    variants = {SERVED: (model, True), "basic": (model, False), "untrained": (untrained, True)}  # schemas.ModelType
+    # schemas.ModelType: the trained model with its cache (what /v1/completions serves), without it, and untrained
+    variants = {COMPLETIONS_VARIANT: (model, True), "basic": (model, False), "untrained": (untrained, True)}
     engines = {name: Engine(net, tokenizer, max_batch=settings.max_batch, use_cache=use_cache)
                for name, (net, use_cache) in variants.items()}
-    engine = ServingEngine(engines, tokenizer, max_queue=settings.max_queue, metrics=metrics, scorer=SERVED)
-    info = {"name": resolve(settings.model).name, "parameters": model.num_parameters(),
+    engine = ServingEngine(engines, tokenizer, max_queue=settings.max_queue, metrics=metrics,
+                           scorer=COMPLETIONS_VARIANT)
+    native = engine.engines[COMPLETIONS_VARIANT].native is not None
+    info = {"name": resolve(settings.model).name, "parameters": model.num_parameters(),  # no path: GET / is open
             "config": model.config.to_dict(), "tokenizer": tokenizer.kind, "template": template(settings.model),
-            "native_decode": engine.engines[SERVED].native is not None}  # no filesystem path: GET / is open
+            "native_decode": native}
     return engine, info
 
 
 async def build_engine_in_passing_thread(settings: Settings, metrics: Metrics) -> tuple[ServingEngine, dict]:
     """build_engine in a thread that ends with it, so torch's OpenMP threads of the loading end too. Kept alive
     (as asyncio.to_thread's are), they would outnumber the cores beside the engine's worker, and libgomp then
-    stops spinning between parallel regions: every decode step 2-2.5x slower (benchmarks/worker_thread.py)."""
+    stops spinning between parallel regions, and every decode step is slower (docs/decode-speed.md)."""
     with ThreadPoolExecutor(max_workers=1) as loader:
         return await asyncio.get_running_loop().run_in_executor(loader, build_engine, settings, metrics)
 
@@ -83,7 +86,7 @@ def body_error(exc: StarletteHTTPException) -> dict | None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
-    served = Served(settings, Metrics())
+    served = ServerState(settings, Metrics())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -128,7 +128,7 @@ class ServingEngine:
     """Owns the models (one copy each) and the worker thread that decodes for every request.
 
     ``engines``: variant name -> its decode Engine; ``scorer`` names the variant whose model scores texts
-    (default: the first). One class of ~240 lines because the worker thread owns all of this state (the queue, the
+    (default: the first). One class of ~250 lines because the worker thread owns all of this state (the queue, the
     batches, the scoring jobs, its own restarts) and nothing else may touch it; each method is one step.
     """
 

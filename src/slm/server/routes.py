@@ -1,4 +1,5 @@
-"""The endpoints: /, /health, /predict, /v1/completions (with SSE streaming), /v1/models, /metrics.
+"""The endpoints: /, /health, /predict, /v1/completions (with SSE streaming), /tokenize, /detokenize,
+/tokenizer_info, /v1/models, /metrics.
 
 Each endpoint reads on its own; what they share (the engine, settings, metrics) comes from the
 ``served`` dependency, and the request plumbing (prompt checks, submit, wait, cancel) from small functions.
@@ -26,7 +27,7 @@ from slm.server.engine import EngineFailure, Failure, GenerationRequest, QueueFu
 from slm.server.guard import RETRY_AFTER_SECONDS
 from slm.server.metrics import Metrics
 from slm.server.schemas import (
-    SERVED,
+    COMPLETIONS_VARIANT,
     CompletionRequest,
     DetokenizeRequest,
     ErrorResponse,
@@ -62,7 +63,7 @@ class FieldProblem(Exception):
 
 
 @dataclass
-class Served:
+class ServerState:
     """What the endpoints work with (on ``app.state.served``); the engine and info arrive at start-up."""
 
     settings: Settings
@@ -78,18 +79,18 @@ class Served:
         return self.info["name"] if self.info else "slm"
 
 
-def served(request: Request) -> Served:
+def served(request: Request) -> ServerState:
     return request.app.state.served
 
 
-def running_engine(s: Served) -> ServingEngine:
+def running_engine(s: ServerState) -> ServingEngine:
     if not s.running:
         raise HTTPException(503, "the model is not loaded or the engine is not running")
     return s.engine
 
 
 # ---- request plumbing -----------------------------------------------------------------------------------
-def sampling_params(s: Served, field: str, max_new: int, temperature: float, top_k, top_p, seed, stop=(),
+def sampling_params(s: ServerState, field: str, max_new: int, temperature: float, top_k, top_p, seed, stop=(),
                     ignore_eos: bool = False, controls: dict | None = None) -> SamplingParams:
     if max_new > s.settings.max_new_tokens:
         raise FieldProblem(field, f"at most {s.settings.max_new_tokens}, got {max_new}")
@@ -97,7 +98,7 @@ def sampling_params(s: Served, field: str, max_new: int, temperature: float, top
                           seed=seed, stop=tuple(stop or ()), stop_at_eot=not ignore_eos, **(controls or {}))
 
 
-async def encode_prompt(s: Served, text: str, field: str) -> list[int]:
+async def encode_prompt(s: ServerState, text: str, field: str) -> list[int]:
     if len(text) > s.settings.max_prompt_chars:
         raise FieldProblem(field, f"at most {s.settings.max_prompt_chars} characters, got {len(text)}")
     ids = await encode(running_engine(s), text)
@@ -112,7 +113,7 @@ async def encode(engine: ServingEngine, text: str) -> list[int]:
     return engine.tokenizer.encode(text)
 
 
-def story_header(s: Served, body: StoryFields) -> str:
+def story_header(s: ServerState, body: StoryFields) -> str:
     """The header that asks for the request's words and features ("" when it has none); a 422 when the model
     was never trained on the format (its config.json has no template)."""
     if not (body.words or body.features):
@@ -124,7 +125,7 @@ def story_header(s: Served, body: StoryFields) -> str:
     return header(body.story_request())
 
 
-def check_prompt_tokens(s: Served, ids: list[list[int]]) -> None:
+def check_prompt_tokens(s: ServerState, ids: list[list[int]]) -> None:
     """The request's prompts together: their tokens bound the prefill and scoring work it can ask for."""
     total = sum(map(len, ids))
     if total > s.settings.max_prompt_tokens:
@@ -135,7 +136,7 @@ def too_busy(e: QueueFull) -> HTTPException:
     return HTTPException(429, str(e), headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
-def submit(s: Served, variant: str, ids: list[int], params: SamplingParams, deadline: float,
+def submit(s: ServerState, variant: str, ids: list[int], params: SamplingParams, deadline: float,
            stream: bool = False) -> GenerationRequest:
     req = GenerationRequest(variant, ids, params, asyncio.get_running_loop(), deadline=deadline, wants_text=stream)
     try:
@@ -145,16 +146,16 @@ def submit(s: Served, variant: str, ids: list[int], params: SamplingParams, dead
     return req
 
 
-def deadline(s: Served) -> float:
+def deadline(s: ServerState) -> float:
     """When the request must be done: generation and scoring count against one timeout."""
     return time.perf_counter() + s.settings.request_timeout
 
 
-def timed_out(s: Served) -> HTTPException:
+def timed_out(s: ServerState) -> HTTPException:
     return HTTPException(504, f"the request took longer than the request timeout ({s.settings.request_timeout:g} s)")
 
 
-async def events(s: Served, req: GenerationRequest, http: Request) -> AsyncIterator[tuple[str, object]]:
+async def events(s: ServerState, req: GenerationRequest, http: Request) -> AsyncIterator[tuple[str, object]]:
     """The request's events until it is done; a client that goes away cancels the generation."""
     checked = time.monotonic()
     try:
@@ -182,7 +183,7 @@ async def events(s: Served, req: GenerationRequest, http: Request) -> AsyncItera
             running_engine(s).cancel(req)
 
 
-async def run_to_end(s: Served, req: GenerationRequest, http: Request) -> SequenceState:
+async def run_to_end(s: ServerState, req: GenerationRequest, http: Request) -> SequenceState:
     seq = None
     async for kind, payload in events(s, req, http):
         if kind == "error":
@@ -196,7 +197,7 @@ async def run_to_end(s: Served, req: GenerationRequest, http: Request) -> Sequen
     return seq
 
 
-async def scores_of(s: Served, ids: list[int], top_n: int, until: float, http: Request) -> TokenScores:
+async def scores_of(s: ServerState, ids: list[int], top_n: int, until: float, http: Request) -> TokenScores:
     """Score ``ids`` on the engine's worker; a client that goes away cancels the job."""
     try:
         job: ScoreJob = running_engine(s).score(ids, top_n, until)
@@ -226,13 +227,13 @@ def timing(started: float, n: int) -> dict:
 
 # ---- endpoints ------------------------------------------------------------------------------------------
 @router.get("/")
-async def root(s: Served = Depends(served)):
+async def root(s: ServerState = Depends(served)):
     return {"name": "slm", "version": slm.__version__, "device": "cpu", "model": s.info,
             "model_types": list(get_args(ModelType)), "docs": "/docs"}
 
 
 @router.get("/health")
-async def health(s: Served = Depends(served)):
+async def health(s: ServerState = Depends(served)):
     if not s.running:
         return JSONResponse({"status": "unavailable", "detail": "the model is not loaded or the engine is not running",
                              "errors": []}, status_code=503)
@@ -241,7 +242,7 @@ async def health(s: Served = Depends(served)):
 
 
 @router.post("/predict", response_model=PredictResponse)
-async def predict(body: PredictRequest, http: Request, s: Served = Depends(served)):
+async def predict(body: PredictRequest, http: Request, s: ServerState = Depends(served)):
     until = deadline(s)
     params = sampling_params(s, "max_new_tokens", body.max_new_tokens, body.temperature, body.top_k, body.top_p,
                              body.seed, controls=body.controls() | body.guidance())
@@ -265,7 +266,7 @@ async def predict(body: PredictRequest, http: Request, s: Served = Depends(serve
 class Completion:
     """OpenAI's text_completion objects for one request."""
 
-    def __init__(self, s: Served, prompt_tokens: int, started: float | None = None) -> None:
+    def __init__(self, s: ServerState, prompt_tokens: int, started: float | None = None) -> None:
         self.id, self.created, self.model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), s.model_id()
         self.prompt_tokens, self.started = prompt_tokens, started or time.perf_counter()
 
@@ -289,7 +290,7 @@ def finish_reason(seq: SequenceState | None) -> str:
     return "length" if seq is None or seq.finish_reason == "length" else "stop"
 
 
-async def prompt_ids(s: Served, prompt: str | list[int], field: str, head: str = "") -> list[int]:
+async def prompt_ids(s: ServerState, prompt: str | list[int], field: str, head: str = "") -> list[int]:
     """A prompt's token ids, after the ids of ``head`` (a story request's header) when there is one."""
     if isinstance(prompt, str):
         return await encode_prompt(s, head + prompt, field)
@@ -326,17 +327,17 @@ def top_alternatives(tokenizer, scores: TokenScores, j: int, token: int) -> dict
     return top
 
 
-def whole_prompt(s: Served, head: str, prompt: str | list[int], ids: list[int]) -> str:
+def whole_prompt(s: ServerState, head: str, prompt: str | list[int], ids: list[int]) -> str:
     """The text the model continued (echo, and a story request's shown prompt): decoded only when asked for."""
     return head + prompt if isinstance(prompt, str) else running_engine(s).tokenizer.decode(ids)
 
 
-async def complete_one(s: Served, index: int, prompt: str | list[int], ids: list[int], body: CompletionRequest,
+async def complete_one(s: ServerState, index: int, prompt: str | list[int], ids: list[int], body: CompletionRequest,
                        params: SamplingParams | None, until: float, http: Request,
                        head: str = "") -> tuple[dict, int, int]:
     """One prompt's choice, with its prompt and completion token counts; with a story request's header,
     the choice shows the whole prompt the model was given."""
-    seq = await run_to_end(s, submit(s, SERVED, ids, params, until), http) if params else None
+    seq = await run_to_end(s, submit(s, COMPLETIONS_VARIANT, ids, params, until), http) if params else None
     generated = seq.generated if seq else []
     text = seq.text if seq else ""
     logprobs = None
@@ -361,7 +362,7 @@ SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
 @router.post("/v1/completions", responses={200: {
     "description": "a text_completion object; with `stream: true`, server-sent events of its chunks",
     "content": {"application/json": {}, "text/event-stream": {"schema": SSE_EVENT}}}})
-async def completions(body: CompletionRequest, http: Request, s: Served = Depends(served)):
+async def completions(body: CompletionRequest, http: Request, s: ServerState = Depends(served)):
     until = deadline(s)
     params = None
     if body.max_tokens > 0:
@@ -380,7 +381,7 @@ async def completions(body: CompletionRequest, http: Request, s: Served = Depend
                                      for i, p in enumerate(prompts)))
     completion = Completion(s, sum(r[1] for r in results), started)
     n = sum(r[2] for r in results)
-    s.metrics.generated(SERVED, "/v1/completions", n, time.perf_counter() - started)
+    s.metrics.generated(COMPLETIONS_VARIANT, "/v1/completions", n, time.perf_counter() - started)
     return completion.response([r[0] for r in results], n)
 
 
@@ -389,10 +390,10 @@ def stream_error(failure: Failure) -> str:
     return f"data: {json.dumps({'error': {'message': failure.message, 'code': failure.status}})}\n\n"
 
 
-def stream_completion(s: Served, body: CompletionRequest, prompt: str | list[int], ids: list[int],
+def stream_completion(s: ServerState, body: CompletionRequest, prompt: str | list[int], ids: list[int],
                       params: SamplingParams | None, until: float, http: Request, head: str = "") -> StreamingResponse:
     completion = Completion(s, len(ids))
-    req = submit(s, SERVED, ids, params, until, stream=True) if params else None
+    req = submit(s, COMPLETIONS_VARIANT, ids, params, until, stream=True) if params else None
 
     async def sse() -> AsyncIterator[str]:
         if head:  # the whole prompt the model continues, first, as a non-streamed choice carries it
@@ -415,7 +416,8 @@ def stream_completion(s: Served, body: CompletionRequest, prompt: str | list[int
                     break
                 elif kind == "done" and payload is not None:
                     n = len(payload.generated)
-                    s.metrics.generated(SERVED, "/v1/completions", n, time.perf_counter() - completion.started)
+                    seconds = time.perf_counter() - completion.started
+                    s.metrics.generated(COMPLETIONS_VARIANT, "/v1/completions", n, seconds)
                     yield f"data: {json.dumps(completion.response([choice(0, '', finish_reason(payload))], n))}\n\n"
         yield "data: [DONE]\n\n"
 
@@ -424,21 +426,21 @@ def stream_completion(s: Served, body: CompletionRequest, prompt: str | list[int
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, s: Served = Depends(served)):
+async def tokenize(body: TokenizeRequest, s: ServerState = Depends(served)):
     """vLLM's /tokenize (lm-evaluation-harness uses it to tokenize with the server's own tokenizer)."""
     tokens = await encode(running_engine(s), body.prompt)
     return {"count": len(tokens), "max_model_len": running_engine(s).context_length, "tokens": tokens}
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, s: Served = Depends(served)):
+async def detokenize(body: DetokenizeRequest, s: ServerState = Depends(served)):
     tokenizer = running_engine(s).tokenizer
     await prompt_ids(s, body.tokens, "tokens")
     return {"prompt": tokenizer.decode(body.tokens)}
 
 
 @router.get("/tokenizer_info")
-async def tokenizer_info(s: Served = Depends(served)):
+async def tokenizer_info(s: ServerState = Depends(served)):
     engine = running_engine(s)
     eot = engine.tokenizer.decode([engine.tokenizer.eot_id]) if engine.tokenizer.eot_id is not None else None
     return {"tokenizer_class": "byte-level BPE", "kind": engine.tokenizer.kind, "vocab_size":
@@ -447,12 +449,12 @@ async def tokenizer_info(s: Served = Depends(served)):
 
 
 @router.get("/v1/models")
-async def models(s: Served = Depends(served)):
+async def models(s: ServerState = Depends(served)):
     return {"object": "list", "data": [{"id": s.model_id(), "object": "model", "created": 0, "owned_by": "slm"}]}
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-async def prometheus(s: Served = Depends(served)):
+async def prometheus(s: ServerState = Depends(served)):
     """Prometheus' text format."""
     if s.engine is not None:
         s.metrics.queue(s.engine.queue_depth)

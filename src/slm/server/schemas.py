@@ -41,7 +41,7 @@ from slm.instruct import (
 # The model variants the server runs (server/app.py builds them): the trained model with its KV cache (what
 # /v1/completions serves), the same model recomputing every token, and a random model of its shape.
 ModelType = Literal["untrained", "basic", "cached"]
-SERVED: ModelType = "cached"
+COMPLETIONS_VARIANT: ModelType = "cached"
 Word = Annotated[str, Field(min_length=1, max_length=MAX_WORD_CHARS, pattern=f"^{WORD_RE.pattern}$",
                             description="one word: letters, with an apostrophe or hyphen inside")]
 Feature = Literal[tuple(FEATURES)]

@@ -18,8 +18,8 @@ import pandas as pd
 import streamlit as st
 
 API_URL = os.environ.get("SLM_API_URL", "http://127.0.0.1:8000").rstrip("/")
-# Chosen by benchmarks/penalty_sweep.py on the bundled model: 1.1 cuts repeated 3-grams in greedy answers from
-# 33% to 9% for 0.014 bits/byte of held-out likelihood; stronger settings cost more (README, "Repetition control").
+# Chosen by measurement on the bundled model: the fewest repeats for the least held-out likelihood lost
+# (docs/api.md, "Repetition control").
 REPETITION_DEFAULT = 1.1
 TEMPERATURE_DEFAULT = 0.8
 MAX_NEW_DEFAULT = 100
