@@ -25,8 +25,9 @@ import time
 import traceback
 from pathlib import Path
 
+from common import slm_server, write_stories
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def slm(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -52,9 +53,7 @@ def environment() -> dict:
 
 
 def prepare_data(work: Path, dry: bool) -> Path:
-    from conftest import write_corpus
-
-    corpus = write_corpus(work / "corpus", n_docs=400 if dry else 20_000, seed=0)
+    corpus = write_stories(work / "corpus", n_docs=400 if dry else 20_000, seed=0)
     checked(slm("prepare", str(corpus), "--out", str(work / "data"), "--vocab-size", "512" if dry else "4096",
                 "--val-fraction", "0.05", "--quiet", timeout=600))
     return work / "data"
@@ -122,9 +121,7 @@ def bench(model_dir: Path, work: Path, dry: bool) -> dict:
 def serve_smoke(model_dir: Path) -> dict:
     import httpx
 
-    from helpers import server
-
-    with server(model_dir) as url:
+    with slm_server(model_dir, threads=1) as url:
         started = time.perf_counter()
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 32,
                                                       "temperature": 0, "ignore_eos": True}, timeout=120)

@@ -16,15 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import free_port, wait_healthy  # noqa: E402
+from common import slm_server
 
 
 class Connection:
@@ -103,18 +100,11 @@ def main() -> int:
     parser.add_argument("--backoff", type=float, default=0.05)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "slm.cli", "serve", "--model", args.model, "--port", str(port)],
-                            env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, alive=lambda: proc.poll() is None, tries=480)
+    with slm_server(args.model) as url:
+        port = int(url.rsplit(":", 1)[1])
         asyncio.run(storm(port, 2, 3, 8, args.backoff))  # warm-up (the native step is built on first use)
         rows = [asyncio.run(storm(port, int(c), args.seconds, args.tokens, args.backoff))
                 for c in args.clients.split(",")]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     print(f"{'clients':>7} | {'tokens/s':>8} {'429/s':>7} {'admitted':>8} {'p50 s':>6} {'p99 s':>6} {'errors':>6}")
     for r in rows:
         print(f"{r['clients']:>7} | {r['tokens_per_s']:>8} {r['refused_per_s']:>7} {r['admitted']:>8} "

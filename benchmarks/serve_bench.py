@@ -14,38 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
 import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: str, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "SLM_MAX_BATCH": str(max_batch), "SLM_MAX_QUEUE": "1000", "SLM_THREADS": str(threads),
-           "SLM_REQUEST_TIMEOUT": "3600"}
-    proc = subprocess.Popen([sys.executable, "-m", "slm.cli", "serve", "--model", model, "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError("server did not start")
+from common import slm_server
 
 
 async def one_client(client: httpx.AsyncClient, url: str, prompt: str, tokens: int) -> dict:
@@ -92,13 +66,10 @@ def main() -> int:
     counts = [int(c) for c in args.clients.split(",")]
     out: dict = {"model": args.model, "tokens_per_request": args.tokens, "threads": args.threads}
     for name, batch in (("batched", max(counts)), ("one_at_a_time", 1)):
-        proc, url = start_server(args.model, batch, args.threads)
-        try:
+        with slm_server(args.model, max_batch=batch, max_queue=1000, threads=args.threads,
+                        request_timeout=3600) as url:
             asyncio.run(load(url, 2, 8))  # warm-up
             out[name] = [asyncio.run(load(url, c, args.tokens)) for c in counts]
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
     print(f"{'clients':>7} | {'batched tok/s':>13} {'p50 s':>6} {'p99 s':>6} {'ttft s':>6} | "
           f"{'1-at-a-time tok/s':>17} {'p50 s':>6} {'p99 s':>6} | speedup")
     for b, s in zip(out["batched"], out["one_at_a_time"], strict=True):

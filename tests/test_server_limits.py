@@ -290,7 +290,7 @@ def test_serve_refuses_a_missing_model():
 
 def test_the_engine_is_built_in_a_thread_that_ends(trained, monkeypatch):
     """Loading the model gives the loading thread torch's OpenMP threads; kept alive beside the engine's worker,
-    they outnumber a small machine's cores and every decode step slows (benchmarks/worker_thread.py). So the
+    they outnumber a small machine's cores and every decode step slows (docs/decode-speed.md). So the
     engine is built in a thread of its own, which has ended by the time the server answers."""
     import slm.server.app as server_app
 

@@ -160,7 +160,7 @@ def used_words(story: str, words: tuple[str, ...] | list[str]) -> list[bool]:
 
 
 # ---- decoding: steering toward the requested words ------------------------------------------------------
-WORD_BOOST = 6.0  # the default: 80% of the requested words used (benchmarks/word_boost.py, docs/fine-tuning.md)
+WORD_BOOST = 6.0  # the default, chosen by measurement (docs/fine-tuning.md)
 WORD_BOOST_RANGE = (0.0, 20.0)
 MIN_START_LETTERS = 3  # a capitalised spelling whose first token is shorter (" L" + "oud") is not boosted
 USED_TAIL_CHARS = 100  # a word just finished lies in this much of the text's end (MAX_WORD_CHARS and inflections)
@@ -182,8 +182,7 @@ class WordGuide:
 
     The capitalised spelling is left out where the tokenizer splits it after a letter or two (" L" + "oud"):
     boosting " L" pushes every name with that letter, and the model starts names that do not finish as the word
-    ("Luli Lanci Lonto"). Left out, the words are used more and invented less (benchmarks/word_boost.py,
-    docs/fine-tuning.md)."""
+    ("Luli Lanci Lonto"). Left out, the words are used more and invented less (docs/fine-tuning.md)."""
 
     def __init__(self, tokenizer: TokenCoder, words: Sequence[str], boost: float) -> None:
         self.boost = boost

@@ -61,7 +61,7 @@ class TrainConfig:
 
 
 # Fine-tuning (--init-from) starts from weights that are already good: a lower peak rate and a short warmup
-# than a run from scratch. Measured side by side in docs/fine-tuning.md (benchmarks/finetune.py).
+# than a run from scratch. Measured side by side in docs/fine-tuning.md.
 FINETUNE_RECIPE = {"optimizer": "muon", "muon_lr": 0.005, "lr": 3e-4, "warmup_steps": 10, "batch_size": 8}
 
 
