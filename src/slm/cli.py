@@ -2,6 +2,9 @@
 
 User mistakes (missing files, bad settings) raise slm.errors.SlmError; they are printed as one line and exit
 with status 2. Anything else is a bug and keeps its traceback.
+
+One module of ~470 lines because it is the whole command line: a `cmd_<name>` and an `add_<name>` of a few
+lines for each of ten subcommands, and the one error boundary they share.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ The context-window schedule (docs/design.md): a sequence's *window* is what the 
 than the context, each new token is appended; when it is full, it keeps its last ``context - shift`` tokens,
 and with the cache those are re-prefilled at positions ``0..``. The uncached path runs the model on the very
 same window every step, so greedy output is identical with and without the cache at every length.
+
+One module of ~490 lines because sampling, the sequences' state and the Engine that steps them change together
+(a sampling setting is a SamplingParams field, a bound the server's schema reads, and a step of the Engine).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The training loop: one process, or DDP under torchrun. Resumable, atomic, with metrics and a loss plot.
 
 Its settings are slm.train_config's, its machine policy slm.machine's, its starting point for a fine-tune
-slm.finetune's, its reports slm.reporting's; this module is the run itself.
+slm.finetune's, its reports slm.reporting's; this module is the run itself (~410 lines, most of them the
+Trainer, whose docstring says why it is one class).
 """
 
 from __future__ import annotations
