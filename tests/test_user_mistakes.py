@@ -110,6 +110,13 @@ def test_prepare_never_replaces_a_checkpoint_or_an_earlier_prepare(corpus, check
                            "--quiet"), "would overwrite")  # ...but not the tokenizer's own directory
 
 
+def test_the_current_directory_is_not_an_output(corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for out in (".", "..", str(tmp_path)):
+        one_line_error(slm_cli("prepare", str(corpus), "--out", out, "--quiet"), "is the current directory")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_failed_prepare_leaves_nothing_behind(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{oops\n')
