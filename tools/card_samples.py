@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bundled_model.py, beside this file
 from bundled_model import PLAYGROUND  # noqa: E402  (the playground's prompts and defaults)
 
 SAMPLE_TOKENS = 80

@@ -23,7 +23,7 @@ API_URL = os.environ.get("SLM_API_URL", "http://127.0.0.1:8000").rstrip("/")
 REPETITION_DEFAULT = 1.1
 TEMPERATURE_DEFAULT = 0.8
 MAX_NEW_DEFAULT = 100
-# Starting points for the prompt box; the model card's samples and benchmarks/bundled_model.py use the same ones.
+# Starting points for the prompt box; the model card's samples and tools/bundled_model.py use the same ones.
 EXAMPLE_PROMPTS = ["Once upon a time", "The little rabbit", "A little girl went to the woods",
                    "The king had three sons", "One day, a fox"]
 API_KEY = os.environ.get("SLM_API_KEY", "")

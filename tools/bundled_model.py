@@ -1,6 +1,6 @@
 """Every figure of the bundled model's card, for the bundled model and candidates to replace it.
 
-    cd benchmarks && python bundled_model.py --data ../runs/v4/data default ../runs/v4/run/best \
+    cd tools && python bundled_model.py --data ../runs/v4/data default ../runs/v4/run/best \
         [--json bundled-model.json]
 
 1. The card's slice: bits/byte (`slm eval`'s sliding window) of the first CARD_BYTES bytes of the

@@ -1,6 +1,6 @@
 """Does a model use the words it is asked for? The bundled model fine-tuned with and without instruct data.
 
-    python benchmarks/instruct_words.py --minutes 6 --steps 120 [--json benchmarks/instruct-words.json]
+    python tools/instruct_words.py --minutes 6 --steps 120 [--json benchmarks/instruct-words.json]
 
 1. Data: all of ../shared/data in the bundled model's order with its tokenizer, split by documents (seed 0,
    1%: every document held out here was held out from the bundled model too, whose split took 2%), plus

@@ -1,6 +1,6 @@
 """Validation bits/byte of checkpoints on each input of a prepared data directory, plus extra text files.
 
-    python benchmarks/eval_sources.py --data runs/all-data-v2 --max-tokens 100000 \
+    python tools/eval_sources.py --data runs/all-data-v2 --max-tokens 100000 \
         runs/calib/d1-llama-6l256-muon/best runs/mix/simple-x3/best [--text runs/card/val-120k.txt] [--json OUT]
 
 Each input's validation documents (its token range in val.bin, from meta.json ``sources``) are decoded back to
