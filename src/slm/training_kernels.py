@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from slm.config import IGNORE_INDEX
 
 # Query rows an attention block computes, and tokens whose logits the loss takes at once: the fastest sizes
-# measured (docs/training-on-cpu.md, benchmarks/training_kernels.py).
+# measured (docs/training-on-cpu.md, benchmarks/step_time.py --kernels).
 QUERY_BLOCK = 128
 LOSS_CHUNK = 1024
 
