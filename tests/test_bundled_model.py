@@ -12,7 +12,7 @@ import torch
 import slm
 from slm.checkpoint import DEFAULT_MODEL, models_dir
 from slm.evaluate import evaluate_text
-from slm.generation import generate
+from slm.generation import SamplingParams, generate
 from slm.model import GPT
 
 # A short story written for this test (not from the training corpus).
@@ -52,8 +52,8 @@ def test_loads_by_default_and_decodes_the_same_with_and_without_cache():
     meta = json.loads((models_dir() / DEFAULT_MODEL / "config.json").read_text())
     assert model.num_parameters() == meta["training"]["parameters"] and tok.vocab_size == 8192
     prompt = [tok.encode("Once upon a time")]
-    cached = generate(model, prompt, max_new_tokens=80, temperature=0, use_cache=True)
-    plain = generate(model, prompt, max_new_tokens=80, temperature=0, use_cache=False)
+    cached = generate(model, prompt, SamplingParams(max_new_tokens=80, temperature=0), use_cache=True)
+    plain = generate(model, prompt, SamplingParams(max_new_tokens=80, temperature=0), use_cache=False)
     assert cached == plain
     assert tok.decode(cached[0]).startswith("Once upon a time")
 
@@ -78,7 +78,8 @@ def test_penalties_make_greedy_output_repeat_less():
     prompts = ["Once upon a time", "The little rabbit", "One day the king said", "In the forest there was"]
     counts = {}
     for name, controls in {"plain": {}, "penalised": {"repetition_penalty": 1.3, "frequency_penalty": 0.3}}.items():
-        outs = generate(model, [tok.encode(p) for p in prompts], max_new_tokens=80, temperature=0, **controls)
+        params = SamplingParams(max_new_tokens=80, temperature=0, **controls)
+        outs = generate(model, [tok.encode(p) for p in prompts], params)
         counts[name] = sum(repeated_trigrams(o[len(tok.encode(p)) :]) for o, p in zip(outs, prompts, strict=True))
     print("repeated 3-grams over 4 prompts x 80 greedy tokens:", counts)
     assert counts["penalised"] < counts["plain"], counts

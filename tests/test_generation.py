@@ -24,26 +24,27 @@ def decode_path(request, monkeypatch):
 @pytest.mark.parametrize("new_tokens", [1, 10, CONTEXT - 8, CONTEXT, CONTEXT + 1, 3 * CONTEXT])
 def test_cache_and_no_cache_agree_at_every_length(tiny_model, new_tokens, decode_path):
     prompt = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(new_tokens))
-    cached = generate(tiny_model, prompt, max_new_tokens=new_tokens, temperature=0, use_cache=True)
-    uncached = generate(tiny_model, prompt, max_new_tokens=new_tokens, temperature=0, use_cache=False)
+    cached = generate(tiny_model, prompt, SamplingParams(max_new_tokens=new_tokens, temperature=0), use_cache=True)
+    uncached = generate(tiny_model, prompt, SamplingParams(max_new_tokens=new_tokens, temperature=0), use_cache=False)
     assert cached.shape == (1, 8 + new_tokens)
     assert cached.tolist() == uncached.tolist()
 
 
 def test_cache_agrees_with_a_prompt_longer_than_the_context(tiny_model, decode_path):
     prompt = torch.randint(0, 512, (1, CONTEXT + 30), generator=torch.Generator().manual_seed(5))
-    cached = generate(tiny_model, prompt, max_new_tokens=100, temperature=0, use_cache=True)
-    uncached = generate(tiny_model, prompt, max_new_tokens=100, temperature=0, use_cache=False)
+    cached = generate(tiny_model, prompt, SamplingParams(max_new_tokens=100, temperature=0), use_cache=True)
+    uncached = generate(tiny_model, prompt, SamplingParams(max_new_tokens=100, temperature=0), use_cache=False)
     assert cached.tolist() == uncached.tolist()
 
 
 def test_batch_of_different_lengths_equals_each_alone(tiny_model, decode_path):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (1, 5, 17, 40, 63, 64, 90)]
-    alone = [generate(tiny_model, [p], max_new_tokens=2 * CONTEXT, temperature=0)[0] for p in prompts]
-    assert generate(tiny_model, prompts, max_new_tokens=2 * CONTEXT, temperature=0) == alone
+    alone = [generate(tiny_model, [p], SamplingParams(max_new_tokens=2 * CONTEXT, temperature=0))[0] for p in prompts]
+    assert generate(tiny_model, prompts, SamplingParams(max_new_tokens=2 * CONTEXT, temperature=0)) == alone
     if decode_path == "torch":  # without the cache there is no decode step to choose: once per family
-        assert generate(tiny_model, prompts, max_new_tokens=2 * CONTEXT, temperature=0, use_cache=False) == alone
+        params = SamplingParams(max_new_tokens=2 * CONTEXT, temperature=0)
+        assert generate(tiny_model, prompts, params, use_cache=False) == alone
 
 
 def test_sequences_join_and_leave_a_running_batch(tiny_model, decode_path):
@@ -51,7 +52,7 @@ def test_sequences_join_and_leave_a_running_batch(tiny_model, decode_path):
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (4, 30, 11, 50)]
     lengths = [20, 90, 5, 70]
-    alone = [generate(tiny_model, [p], max_new_tokens=n, temperature=0)[0][len(p):]
+    alone = [generate(tiny_model, [p], SamplingParams(max_new_tokens=n, temperature=0))[0][len(p):]
              for p, n in zip(prompts, lengths, strict=True)]
     engine = Engine(tiny_model, max_batch=4)
     seqs = [engine.add(prompts[0], SamplingParams(max_new_tokens=lengths[0], temperature=0))]
@@ -68,13 +69,13 @@ def test_sequences_join_and_leave_a_running_batch(tiny_model, decode_path):
 def test_seeded_sampling_is_reproducible(tiny_model):
     prompt = torch.randint(0, 512, (2, 6))
     kwargs = dict(max_new_tokens=40, temperature=1.0, top_k=50, top_p=0.9)
-    a = generate(tiny_model, prompt, seed=7, **kwargs)
-    b = generate(tiny_model, prompt, seed=7, **kwargs)
-    c = generate(tiny_model, prompt, seed=8, **kwargs)
+    a = generate(tiny_model, prompt, SamplingParams(seed=7, **kwargs))
+    b = generate(tiny_model, prompt, SamplingParams(seed=7, **kwargs))
+    c = generate(tiny_model, prompt, SamplingParams(seed=8, **kwargs))
     assert a.tolist() == b.tolist()
     assert a.tolist() != c.tolist()
     # The seed gives the same text with and without the cache too.
-    assert generate(tiny_model, prompt, seed=7, use_cache=False, **kwargs).tolist() == a.tolist()
+    assert generate(tiny_model, prompt, SamplingParams(seed=7, **kwargs), use_cache=False).tolist() == a.tolist()
 
 
 def test_top_k_and_top_p_filtering():
@@ -98,7 +99,7 @@ def test_prefill_is_one_pass_and_each_token_one_pass(tiny_model, monkeypatch):
         return original(tokens, *args, **kwargs)
 
     monkeypatch.setattr(tiny_model, "forward", counting)
-    generate(tiny_model, torch.randint(0, 512, (1, 20)), max_new_tokens=10, temperature=0)
+    generate(tiny_model, torch.randint(0, 512, (1, 20)), SamplingParams(max_new_tokens=10, temperature=0))
     assert calls == [19] + [1] * 10  # the prompt minus its last token, then one token per pass
 
 
@@ -125,8 +126,9 @@ def test_stream_yields_pieces_that_join_to_the_text(trained_any):
     from slm.checkpoint import load
 
     model, tok = load(trained_any)
-    pieces = list(stream(model, tok, "One day Tom", max_new_tokens=60, temperature=0))
-    full = generate(model, [tok.encode("One day Tom")], max_new_tokens=60, temperature=0, tokenizer=tok)[0]
+    pieces = list(stream(model, tok, "One day Tom", SamplingParams(max_new_tokens=60, temperature=0)))
+    greedy = SamplingParams(max_new_tokens=60, temperature=0)
+    full = generate(model, [tok.encode("One day Tom")], greedy, tokenizer=tok)[0]
     assert len(pieces) > 5
     assert "".join(pieces) == tok.decode(full[len(tok.encode("One day Tom")):])
 
@@ -170,7 +172,7 @@ def test_stream_never_splits_a_character(trained):
 ])
 def test_bad_settings_raise_value_errors_naming_the_field(tiny_model, kwargs, field):
     with pytest.raises(ValueError, match=field):
-        generate(tiny_model, [[1, 2, 3]], **kwargs)
+        generate(tiny_model, [[1, 2, 3]], SamplingParams(**kwargs))
 
 
 @pytest.mark.parametrize("settings", [
@@ -195,17 +197,18 @@ def test_a_sampling_error_ends_its_own_sequence_only(tiny_model, monkeypatch):
         engine.step()
     assert [s.finish_reason for s in seqs] == ["length", "error", "length"]
     assert isinstance(seqs[1].error, RuntimeError) and not seqs[1].generated
-    alone = [generate(tiny_model, [[1, 2, 3]], max_new_tokens=12, temperature=1.0, seed=s)[0] for s in (1, 2)]
+    alone = [generate(tiny_model, [[1, 2, 3]], SamplingParams(max_new_tokens=12, temperature=1.0, seed=s))[0]
+             for s in (1, 2)]
     assert [seqs[0].prompt + seqs[0].generated, seqs[2].prompt + seqs[2].generated] == alone
     with pytest.raises(RuntimeError, match="injected"):  # a library caller sees the error itself
-        generate(tiny_model, [[1, 2, 3]], max_new_tokens=4, temperature=1.0, seed=666)
+        generate(tiny_model, [[1, 2, 3]], SamplingParams(max_new_tokens=4, temperature=1.0, seed=666))
 
 
 def test_empty_prompt_and_bad_token_ids(tiny_model):
     with pytest.raises(GenerationError, match="empty"):
-        generate(tiny_model, [[]], max_new_tokens=3)
+        generate(tiny_model, [[]], SamplingParams(max_new_tokens=3))
     with pytest.raises(GenerationError, match="token ids"):
-        generate(tiny_model, [[1, 99999]], max_new_tokens=3)
+        generate(tiny_model, [[1, 99999]], SamplingParams(max_new_tokens=3))
 
 
 def test_identical_requests_in_one_batch(tiny_model):
@@ -214,7 +217,7 @@ def test_identical_requests_in_one_batch(tiny_model):
     seqs = [engine.add([5, 6, 7], SamplingParams(max_new_tokens=n, temperature=0)) for n in (30, 30, 10, 30)]
     while engine.active:
         engine.step()
-    alone = generate(tiny_model, [[5, 6, 7]], max_new_tokens=30, temperature=0)[0][3:]
+    alone = generate(tiny_model, [[5, 6, 7]], SamplingParams(max_new_tokens=30, temperature=0))[0][3:]
     assert [s.generated for s in seqs] == [alone, alone, alone[:10], alone]
 
 
@@ -254,8 +257,9 @@ def test_penalised_rows_batched_cached_and_alone_agree(tiny_model):
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (3, 20, 9)]
     controls = {"repetition_penalty": 1.5, "frequency_penalty": 0.5, "presence_penalty": 0.3}
-    alone = [generate(tiny_model, [p], max_new_tokens=80, temperature=0, **controls)[0] for p in prompts]
-    assert generate(tiny_model, prompts, max_new_tokens=80, temperature=0, **controls) == alone
-    assert generate(tiny_model, prompts, max_new_tokens=80, temperature=0, use_cache=False, **controls) == alone
-    plain = [generate(tiny_model, [p], max_new_tokens=80, temperature=0)[0] for p in prompts]
+    params = SamplingParams(max_new_tokens=80, temperature=0, **controls)
+    alone = [generate(tiny_model, [p], params)[0] for p in prompts]
+    assert generate(tiny_model, prompts, params) == alone
+    assert generate(tiny_model, prompts, params, use_cache=False) == alone
+    plain = [generate(tiny_model, [p], SamplingParams(max_new_tokens=80, temperature=0))[0] for p in prompts]
     assert plain != alone  # the penalties changed what greedy decoding picks

@@ -104,10 +104,11 @@ LLAMA_CPP_PROMPTS = ["Once upon a time there was a little", "One day Tom found",
 
 def our_greedy_text(model_dir, prompt: str, n: int) -> bytes:
     from slm.checkpoint import load
-    from slm.generation import generate
+    from slm.generation import SamplingParams, generate
 
     model, tokenizer = load(model_dir)
-    out = generate(model, [tokenizer.encode(prompt)], max_new_tokens=n, temperature=0, tokenizer=tokenizer)
+    greedy = SamplingParams(max_new_tokens=n, temperature=0)
+    out = generate(model, [tokenizer.encode(prompt)], greedy, tokenizer=tokenizer)
     return tokenizer.decode(out[0]).encode("utf-8")
 
 

@@ -8,7 +8,7 @@ import torch
 
 from slm.config import PRESETS, ConfigError, ModelConfig, get_preset
 from slm.export import export_hf, import_hf, to_hf_model
-from slm.generation import generate
+from slm.generation import SamplingParams, generate
 from slm.model import GPT
 
 
@@ -150,7 +150,7 @@ def test_logits_match_transformers(random_hf_pair):
 def test_greedy_generation_matches_transformers(random_hf_pair):
     model, hf = random_hf_pair
     prompt = torch.randint(0, 1000, (1, 7))
-    ours = generate(model, prompt, max_new_tokens=50, temperature=0)
+    ours = generate(model, prompt, SamplingParams(max_new_tokens=50, temperature=0))
     theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=50, min_new_tokens=50,
                          do_sample=False, pad_token_id=0)
     assert ours.tolist() == theirs.tolist()

@@ -11,6 +11,7 @@ One module of ~490 lines because sampling, the sequences' state and the Engine t
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -428,37 +429,29 @@ def _as_lists(tokens: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]
 def generate(
     model: GPT,
     tokens: torch.Tensor | Sequence[Sequence[int]],
-    max_new_tokens: int = SamplingParams.max_new_tokens,
-    temperature: float = SamplingParams.temperature,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    use_cache: bool = True,
-    stop: Sequence[str] = (),
+    params: SamplingParams | None = None,
     tokenizer: Tokenizer | None = None,
+    use_cache: bool = True,
     eot_id: int | None = None,
-    **controls: float,
 ) -> torch.Tensor | list[list[int]]:
-    """Continue each prompt; returns prompt + new tokens (a ``[B, T + new]`` tensor for a tensor input).
+    """Continue each prompt as ``params`` say (SamplingParams' defaults when None); returns prompt + new tokens
+    (a ``[B, T + new]`` tensor for a tensor input).
 
-    Row ``i`` samples with seed ``seed + i``. Generation ends at ``max_new_tokens``, at the end-of-text
-    token (given ``tokenizer`` or ``eot_id``; such rows are padded with it in a tensor result), or at a
-    stop string (needs ``tokenizer``). ``controls``: ``frequency_penalty``, ``presence_penalty``,
-    ``repetition_penalty``, ``min_p`` (see SamplingParams).
+    Row ``i`` samples with seed ``params.seed + i``. Generation ends at ``max_new_tokens``, at the end-of-text
+    token (given ``tokenizer`` or ``eot_id``; such rows are padded with it in a tensor result), or at a stop
+    string (needs ``tokenizer``).
     """
+    params = params or SamplingParams()
     prompts = _as_lists(tokens)
     if not prompts:
         raise GenerationError("no prompts given")
     engine = Engine(model, tokenizer, max_batch=len(prompts), use_cache=use_cache, eot_id=eot_id)
-    seqs = []
-    for i, p in enumerate(prompts):
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                seed=None if seed is None else seed + i, stop=tuple(stop), **controls)
-        seqs.append(engine.add(p, params))
+    seqs = [engine.add(p, dataclasses.replace(params, seed=None if params.seed is None else params.seed + i))
+            for i, p in enumerate(prompts)]
     engine.finish(seqs)
     if isinstance(tokens, torch.Tensor):
         pad = engine.eot_id if engine.eot_id is not None else 0
-        out = [s.prompt + s.generated + [pad] * (max_new_tokens - len(s.generated)) for s in seqs]
+        out = [s.prompt + s.generated + [pad] * (params.max_new_tokens - len(s.generated)) for s in seqs]
         return torch.tensor(out, dtype=tokens.dtype, device=tokens.device)
     return [s.prompt + s.generated for s in seqs]
 
@@ -467,21 +460,13 @@ def stream(
     model: GPT,
     tokenizer: Tokenizer,
     prompt: str | Sequence[int],
-    max_new_tokens: int = SamplingParams.max_new_tokens,
-    temperature: float = SamplingParams.temperature,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
+    params: SamplingParams | None = None,
     use_cache: bool = True,
-    stop: Sequence[str] = (),
-    **controls: float,
 ) -> Iterator[str]:
     """Yield the continuation of one prompt as text pieces, as they are produced (never half a character)."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     engine = Engine(model, tokenizer, max_batch=1, use_cache=use_cache)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, stop=tuple(stop), **controls)
-    seq = engine.add(ids, params)
+    seq = engine.add(ids, params or SamplingParams())
     for _ in engine.run([seq]):
         piece = seq.take_text()
         if piece:
