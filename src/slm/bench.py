@@ -22,6 +22,7 @@ import torch
 
 from slm import native
 from slm.config import ConfigError, get_preset
+from slm.cpu import cpu_info
 from slm.files import atomic_write, atomic_write_json
 from slm.generation import DecodeStep, Engine, SamplingParams
 from slm.kv_cache import KVCache
@@ -40,6 +41,11 @@ LABELS = {  # column -> what it measures (the plot's legend)
     "llama_cpp_f32_tok_s": "llama.cpp f32",
     "llama_cpp_f16_tok_s": "llama.cpp f16",
 }
+
+
+def cpu_line() -> str:
+    info = cpu_info()
+    return f"{info.model} ({' '.join(info.features)})"
 
 
 def decode(model: GPT, prompt: list[int], n: int, use_cache: bool, decode_step: DecodeStep = "auto",
@@ -213,6 +219,7 @@ def run_bench(model: str | None, preset: str, lengths: list[int], repeats: int =
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "cpu": cpu_line(),  # the kind of CPU a figure was measured on: every figure written down names it
         "prompt_tokens": PROMPT_TOKENS,
         "repeats": repeats,
         "rows": rows,
@@ -232,7 +239,7 @@ def run_bench(model: str | None, preset: str, lengths: list[int], repeats: int =
 
 def print_table(result: dict) -> None:
     print(f"{result['model']} | {result['parameters']:,} parameters | {result['dtype']} | "
-          f"{result['threads']} threads | median of {result['repeats']}")
+          f"{result['threads']} threads | median of {result['repeats']} | {result['cpu']}")
     cols = [k for k in result["rows"][0] if k != "new_tokens"]
     print(f"{'new tokens':>10} " + " ".join(f"{c:>22}" for c in cols))
     for row in result["rows"]:
