@@ -6,35 +6,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, alive=lambda: True, tries: int = 240) -> None:
-    """Poll /health every 0.25 s, a bounded number of times."""
-    for _ in range(tries):
-        if not alive():
-            raise RuntimeError("the server stopped while starting")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"the server did not become healthy in {tries / 4:g} s")
+from slm.testing import free_port, wait_healthy
 
 
 @contextmanager
@@ -46,7 +24,7 @@ def slm_server(model: str | Path, **settings: object) -> Iterator[str]:
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, alive=lambda: proc.poll() is None)
+        wait_healthy(url, alive=lambda: proc.poll() is None, tries=240)
         yield url
     finally:
         proc.terminate()

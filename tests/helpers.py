@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,26 +19,7 @@ from torch import nn
 
 from slm.config import ModelConfig
 from slm.generation import SamplingParams
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, alive=lambda: True, tries: int = 120) -> None:
-    """Poll /health every 0.25 s, a bounded number of times."""
-    for _ in range(tries):
-        if not alive():
-            raise RuntimeError("the server stopped while starting")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"the server did not become healthy in {tries / 4:g} s")
+from slm.testing import free_port, wait_healthy
 
 
 @contextmanager

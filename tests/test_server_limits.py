@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 from conftest import slm_cli
-from helpers import app_server, fail_sampling_for_seed, finished_total, free_port, post, server, wait_for_cancel
+from helpers import app_server, fail_sampling_for_seed, finished_total, post, server, wait_for_cancel
 from slm.evaluate import sliding_windows
+from slm.testing import free_port
 
 
 def test_disconnect_cancels_waiting_predict(trained):

@@ -13,7 +13,8 @@ import httpx
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from helpers import free_port, server
+from helpers import server
+from slm.testing import free_port
 
 APP = Path(__file__).resolve().parents[1] / "src" / "slm" / "ui" / "app.py"
 

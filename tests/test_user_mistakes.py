@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from conftest import run_slm, slm_cli
-from helpers import free_port
 from slm.prepare import piece_ends
+from slm.testing import free_port
 from slm.tokenizer import Tokenizer
 
 
