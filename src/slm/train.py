@@ -399,6 +399,7 @@ def train(
         dist.init_process_group(backend)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+    load_meta(data_dir)  # a missing or unprepared --data is said first, before anything looks at --out
     sources = [data_dir, *([checkpoint.resolve(cfg.init_from)] if cfg.init_from else [])]
     try:
         with run_directory(Path(out_dir), sources, resume, force) if rank == 0 else nullcontext():
