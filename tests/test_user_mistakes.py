@@ -112,9 +112,28 @@ def test_prepare_never_replaces_a_checkpoint_or_an_earlier_prepare(corpus, check
 
 def test_the_current_directory_is_not_an_output(corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for out in (".", "..", str(tmp_path)):
-        one_line_error(slm_cli("prepare", str(corpus), "--out", out, "--quiet"), "is the current directory")
+    for out in (".", "..", str(tmp_path), str(Path.home()), "/"):
+        one_line_error(slm_cli("prepare", str(corpus), "--out", out, "--quiet", "--force"),
+                       "is the current or the home directory")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_gguf_never_replaces_a_directory(trained, tmp_path):
+    (tmp_path / "dir").mkdir()
+    one_line_error(slm_cli("export-gguf", "--model", str(trained), "--out", str(tmp_path / "dir"), "--force"),
+                   "is a directory")
+    assert (tmp_path / "dir").is_dir()
+
+
+def test_serve_refuses_a_taken_port_and_one_out_of_range():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        one_line_error(run_slm("serve", "--port", str(port), timeout=60), f"cannot listen on 127.0.0.1:{port}")
+    one_line_error(run_slm("serve", "--port", "99999", timeout=60), "port 99999: choose one from 1 to 65535")
 
 
 def test_a_failed_prepare_leaves_nothing_behind(tmp_path):

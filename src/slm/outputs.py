@@ -138,8 +138,11 @@ def put_in_place(made: Path, out: Path) -> None:
 def made_in_place(out: Path, make_temp, sources: Iterable[str | Path], force: bool, flag: str) -> Iterator[Path]:
     """The shared part of new_directory and new_file: checks, a temporary sibling, the rename, the clean-up."""
     given, out = out, Path(os.path.abspath(out))  # "." or "a/..": their real parent holds the temporary
-    if out == Path.cwd() or out in Path.cwd().parents:
-        raise OutputError(f"{flag} {given} is the current directory or holds it; give a directory of its own")
+    if out == Path.cwd() or out in Path.cwd().parents or out == Path.home() or out in Path.home().parents:
+        raise OutputError(f"{flag} {given} is the current or the home directory, or holds one; give a directory "
+                          "of its own")
+    if make_temp is _temp_file and out.is_dir():
+        raise OutputError(f"{flag} {given} is a directory; give the path of the file to write")
     check_sources(out, sources, flag)
     check_replaceable(out, force, flag)
     created = missing_ancestor(out)

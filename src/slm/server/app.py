@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from starlette.types import Scope
 
 import slm
 from slm.checkpoint import CheckpointError, load, resolve, template
+from slm.config import ConfigError
 from slm.generation import Engine, GenerationError
 from slm.memory import return_large_buffers_to_the_system
 from slm.model import GPT
@@ -145,6 +147,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse, in one line, an address the server could not listen on (taken, or not ours to take), before the
+    model loads: uvicorn would say it in a log line after the start-up."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: not an address of this machine ({e.strerror})") from e
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port, or stop "
+                              "what listens there") from e
+
+
 def run_server(model: str | None = None, host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
@@ -152,6 +171,7 @@ def run_server(model: str | None = None, host: str | None = None, port: int | No
     path = resolve(settings.model)
     if not Path(path).is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
+    check_address(settings.host, settings.port)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return_large_buffers_to_the_system()
     uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()

@@ -32,6 +32,10 @@ class Settings:
     cors_origins: str = ""  # comma-separated origins; empty = CORS off
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port}: choose one from 1 to 65535 (--port or SLM_PORT)")
+
     @classmethod
     def from_env(cls, **overrides) -> Settings:
         values = {}
