@@ -49,9 +49,8 @@ def write_error(e: OSError, path: Path) -> str:
 
 def os_error_line(e: OSError) -> str:
     """An OSError the user can act on (a full disk, a read-only filesystem, a permission) in one line."""
-    if e.errno in DISK_FULL:
-        where = Path(e.filename) if e.filename else Path.cwd()
-        return f"no space left on the device ({where}: {free_space(where)})"
+    if e.errno in NO_ROOM:
+        return write_error(e, Path.cwd())
     return f"{e.filename}: {e.strerror}" if e.filename else str(e.strerror or e)
 
 
@@ -128,10 +127,7 @@ def put_in_place(made: Path, out: Path) -> None:
     old = out.with_name(f".{out.name}.{os.getpid()}.replaced")
     out.rename(old)
     made.rename(out)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
+    remove(old)
 
 
 @contextmanager
@@ -141,8 +137,6 @@ def made_in_place(out: Path, make_temp, sources: Iterable[str | Path], force: bo
     if out == Path.cwd() or out in Path.cwd().parents or out == Path.home() or out in Path.home().parents:
         raise OutputError(f"{flag} {given} is the current or the home directory, or holds one; give a directory "
                           "of its own")
-    if make_temp is _temp_file and out.is_dir():
-        raise OutputError(f"{flag} {given} is a directory; give the path of the file to write")
     check_sources(out, sources, flag)
     check_replaceable(out, force, flag)
     created = missing_ancestor(out)
@@ -171,9 +165,10 @@ def writing(e: OSError, temp: Path) -> bool:
 
 
 def remove(path: Path) -> None:
+    """Delete a file, a link or a whole directory."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
+    elif path.exists() or path.is_symlink():
         path.unlink()
 
 
@@ -197,5 +192,8 @@ def new_directory(out: str | Path, sources: Iterable[str | Path] = (), force: bo
 
 
 def new_file(out: str | Path, sources: Iterable[str | Path] = (), force: bool = False, flag: str = "--out"):
-    """``with new_file(out) as tmp:`` write ``tmp``; it becomes ``out`` when the block ends without error."""
+    """``with new_file(out) as tmp:`` write ``tmp``; it becomes ``out`` when the block ends without error. A
+    directory is never replaced by the file."""
+    if Path(out).is_dir():
+        raise OutputError(f"{flag} {out} is a directory; give the path of the file to write")
     return made_in_place(Path(out), _temp_file, sources, force, flag)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from slm.errors import SlmError
 from slm.files import atomic_write_text
-from slm.outputs import check_sources, describe
+from slm.outputs import check_sources, describe, remove
 
 LOCK = "run.lock"
 # Everything `slm train` writes into --out; anything else there is not ours to replace.
@@ -29,9 +29,10 @@ class RunDirError(SlmError):
 
 
 # ---- the lock -------------------------------------------------------------------------------------------
-def holder(text: str) -> dict:
+def holder(fd: int) -> dict:
+    """The record a lock file holds: pid, host and start of the process that took it ({} if none)."""
     try:
-        record = json.loads(text)
+        record = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
     except ValueError:
         return {}
     return record if isinstance(record, dict) else {}
@@ -63,7 +64,7 @@ class RunLock:
         while self.fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             if not self.locked(fd):
-                record = holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+                record = holder(fd)
                 os.close(fd)
                 raise RunDirError(f"{self.path.parent} is in use by another `slm train`: process "
                                   f"{record.get('pid', '?')} on {record.get('host', '?')}, started "
@@ -72,7 +73,7 @@ class RunLock:
                 self.fd = fd
             else:
                 os.close(fd)
-        self.took_over = holder(os.pread(self.fd, 4096, 0).decode("utf-8", "replace"))
+        self.took_over = holder(self.fd)
         os.ftruncate(self.fd, 0)
         record = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -86,7 +87,7 @@ class RunLock:
         except BlockingIOError:
             return False
         except OSError:
-            record = holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+            record = holder(fd)
             return not (record.get("host") == socket.gethostname() and pid_alive(record.get("pid")))
 
     def same_file(self, fd: int) -> bool:
@@ -124,12 +125,8 @@ def check_new_run(run: Path, resume: bool, force: bool) -> None:
 def clear(run: Path) -> None:
     """Empty a run directory for --force, keeping the lock this process holds."""
     for entry in run.iterdir():
-        if entry.name == LOCK:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+        if entry.name != LOCK:
+            remove(entry)
 
 
 def has_checkpoint(run: Path) -> bool:
